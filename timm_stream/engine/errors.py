@@ -1,0 +1,31 @@
+"""Errors raised by the streaming engine. Each names the problem and what to do about it."""
+from __future__ import annotations
+
+__all__ = ["StreamingError", "NonLocalModuleError", "TileTooSmallError", "TraceError"]
+
+
+class StreamingError(ValueError):
+    """Base class of the engine's errors about what it was asked to stream."""
+
+
+class TileTooSmallError(StreamingError):
+    """The tile cannot hold the receptive field of even one output position."""
+
+
+class TraceError(StreamingError):
+    """The module could not be run symbolically to derive its geometry."""
+
+
+class NonLocalModuleError(StreamingError):
+    """A module's output at one position depends on more than a bounded neighbourhood of the input
+    (global pooling, GroupNorm, ...), or it would compute something else per tile (random masks,
+    padding computed from the input size). Tiling it would give a wrong answer, so it is refused."""
+
+    def __init__(self, module_path: str, operation: str, reason: str, fix: str | None = None):
+        self.module_path = module_path or "<root>"
+        self.operation = operation
+        self.reason = reason
+        message = f"module '{self.module_path}' ({operation}) cannot be streamed: {reason}"
+        if fix:
+            message += f". {fix}"
+        super().__init__(message)

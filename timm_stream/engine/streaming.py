@@ -1,0 +1,371 @@
+"""``StreamingCNN``: an ``nn.Module`` that runs a local CNN trunk tile by tile, exactly.
+
+A trunk given as an ``nn.Sequential`` may be streamed in several *pieces*: the stitched output of one
+piece is the input of the next, and each piece is tiled with only its own receptive-field halo. Deep
+stages have large halos but small feature maps, so stitching after them removes most recomputation
+(the stitched maps are kept, which is why ``stitch="auto"`` only stitches maps no larger than the input).
+Pieces compose exactly because each is exact; autograd chains them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import StreamingError, TileTooSmallError, TraceError
+from .function import StreamFunction, TileRunner
+from .geometry import AxisGeometry, lcm, min_tile_length
+from .plan import TilePlan, make_plan
+from .trace import Trace, check_size_independent, trace
+
+__all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "freeze_norm_layers"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """BatchNorm / LayerNorm / ... including third-party norms named ``*Norm*`` (timm's
+    ``BatchNormAct2d``, ``FrozenBatchNorm2d``, ``LayerNorm2d``)."""
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def freeze_norm_layers(module: nn.Module) -> None:
+    """Put every normalization layer under ``module`` in eval mode (running statistics stop changing)."""
+    for m in module.modules():
+        if m.training and is_norm_layer(m):
+            m.train(False)
+
+
+def _as_tile_size(tile_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(tile_size, (tuple, list)) and len(tile_size) == 2:
+        pair = tuple(tile_size)
+    else:
+        pair = (tile_size, tile_size)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"tile_size must be a positive int or a pair (height, width) of positive ints, "
+                         f"got {tile_size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _infer_in_channels(module: nn.Module) -> int | None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _compose(outer: AxisGeometry, inner: AxisGeometry) -> AxisGeometry:
+    """Geometry of ``inner`` applied to the output of ``outer`` (a chain, so exact)."""
+    return AxisGeometry(outer.stride * inner.stride, outer.lo + inner.lo * outer.stride,
+                        outer.hi + inner.hi * outer.stride)
+
+
+@dataclass(frozen=True)
+class StreamGeometry:
+    """Size-independent geometry of a streamed module (or of one piece of it).
+
+    ``axes``: receptive field of the output per axis (output ``j`` reads input pixels
+    ``[j*stride + lo, j*stride + hi]``); ``align``: tile origins are multiples of it; ``size_multiple``:
+    input sizes the module accepts are multiples of it (1 for most networks).
+    """
+
+    axes: tuple[AxisGeometry, AxisGeometry]
+    align: tuple[int, int]
+    size_multiple: tuple[int, int]
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return (self.axes[0].stride, self.axes[1].stride)
+
+    @property
+    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (self.axes[0].halo, self.axes[1].halo)
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        return (self.axes[0].size, self.axes[1].size)
+
+    @property
+    def min_tile_size(self) -> tuple[int, int]:
+        return tuple(min_tile_length(self.axes[i], self.align[i], self.size_multiple[i]) for i in range(2))
+
+    @staticmethod
+    def of_chain(traces: Sequence[Trace], size_multiple: bool) -> "StreamGeometry":
+        axes = [AxisGeometry(), AxisGeometry()]
+        aligns = [[], []]
+        for t in traces:
+            for i in range(2):
+                aligns[i].append(t.align[i] * axes[i].stride)  # the child's grid, in input pixels
+                axes[i] = _compose(axes[i], t.axes[i])
+        align = (lcm(aligns[0]), lcm(aligns[1]))
+        return StreamGeometry((axes[0], axes[1]), align, align if size_multiple else (1, 1))
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What streaming an input of ``input_size`` will do: one :class:`TilePlan` per piece.
+
+    ``overlap``: activations computed over those of an un-tiled run (1.0: nothing recomputed twice,
+    backward recomputation not counted); ``num_tiles``: tiles of all pieces together.
+    """
+
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    geometry: StreamGeometry
+    pieces: tuple[TilePlan, ...]
+    piece_names: tuple[str, ...]
+    work: tuple[float, ...]  # activation elements of each piece for this input (un-tiled)
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.geometry.stride
+
+    @property
+    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return self.geometry.halo
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        return self.geometry.receptive_field
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(p.num_tiles for p in self.pieces)
+
+    @property
+    def tiles(self):
+        return self.pieces[0].tiles
+
+    @property
+    def overlap(self) -> float:
+        total = sum(self.work)
+        if total == 0:
+            return self.pieces[0].overlap
+        return sum(w * p.overlap for w, p in zip(self.work, self.pieces)) / total
+
+    def __str__(self) -> str:
+        (h, w), (oh, ow) = self.input_size, self.output_size
+        lines = [f"StreamPlan({h}x{w} -> {oh}x{ow}, stride {self.stride}, receptive field "
+                 f"{self.receptive_field}, {self.num_tiles} tiles, overlap {self.overlap:.3f})"]
+        for name, piece in zip(self.piece_names, self.pieces):
+            lines.append(f"  [{name}] {piece}")
+        return "\n".join(lines)
+
+
+class _Piece:
+    """Consecutive children streamed as one unit. Holds references only (never registered as a
+    submodule, so parameters keep their one place in the module tree)."""
+
+    def __init__(self, names: Sequence[str], modules: Sequence[nn.Module]):
+        self.names = list(names)
+        self.module = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+        self.label = self.names[0] if len(self.names) == 1 else f"{self.names[0]}..{self.names[-1]}"
+
+
+class StreamingCNN(nn.Module):
+    """Run ``module`` (a local CNN trunk) tile by tile; same output and gradients as running it whole.
+
+    Args:
+        module: the trunk. Every operation in it must be local (convolutions, pooling, eval-mode
+            norms, activations, residual additions, channel concatenation...); anything else is
+            refused at construction with an error naming the module.
+        tile_size: largest tile, in input pixels: int or (height, width). Later pieces (see
+            ``stitch``) get tiles of the same activation memory.
+        preprocess: applied to each tile on the module's device before the module (e.g. uint8 to
+            normalized float), so that a huge input never has to be converted as a whole.
+        in_channels: channels of the input (default: those of the first ``Conv2d``).
+        stitch: for an ``nn.Sequential``, after which children to stitch the feature map and stream
+            the rest as a new piece: ``"auto"`` (after children whose output has no more elements
+            than the input; it cuts recomputation of large receptive fields), ``"none"``, or names.
+        progress: show a progress bar over tiles.
+        keep_last_tile: keep the last tile's graph from forward to backward instead of recomputing it
+            (final piece only, so that memory stays about one tile).
+
+    ``streaming = False`` runs the same module un-tiled. Norm layers inside stay in eval mode whatever
+    ``train()`` says. ``plan(size)`` shows the tiling for an input size before anything runs.
+    """
+
+    def __init__(self, module: nn.Module, tile_size: int | Sequence[int], *,
+                 preprocess: Callable[[Tensor], Tensor] | None = None, in_channels: int | None = None,
+                 stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True):
+        super().__init__()
+        self.module = module
+        self.tile_size = _as_tile_size(tile_size)
+        self.preprocess = preprocess
+        self.in_channels = in_channels if in_channels is not None else _infer_in_channels(module)
+        if self.in_channels is None:
+            raise StreamingError("cannot infer the input channels (no Conv2d found): pass in_channels=")
+        self.progress = progress
+        self.keep_last_tile = keep_last_tile
+        self.streaming = True
+        if isinstance(module, nn.Sequential) and len(module) > 0:
+            self._children = list(module.named_children())
+        else:
+            self._children = [("", module)]
+        self._chains: dict[tuple, list[Trace]] = {}
+        freeze_norm_layers(self.module)
+        self._derive_geometry()
+        self._make_pieces(stitch)
+
+    # ------------------------------------------------------------------ geometry
+    def _trace_chain(self, height: int, width: int, dtype: torch.dtype = torch.float32) -> list[Trace]:
+        """Trace child by child (the output shape of one is the input of the next)."""
+        traces = []
+        shape: tuple[int, ...] = (1, self.in_channels, height, width)
+        for index, (name, child) in enumerate(self._children):
+            fn = child
+            if index == 0 and self.preprocess is not None:
+                fn = lambda x, child=child: child(self.preprocess(x))  # noqa: E731
+            t = trace(fn, shape, dtype=dtype, modules=child, path_prefix=name)
+            traces.append(t)
+            shape, dtype = t.output_shape, t.output_dtype
+        return traces
+
+    def _derive_geometry(self) -> None:
+        """Trace at two sizes of different parity: the geometry, and proof that the module computes
+        the same operations whatever the input size."""
+        size, reference, error = 2048, None, None
+        while reference is None and size <= 32768:
+            try:
+                reference = self._trace_chain(size, size)
+            except TraceError as exc:  # too small for the network: try a larger (free) meta input
+                error, size = exc, size * 4
+        if reference is None:
+            raise error  # type: ignore[misc]
+        needs_multiple = False
+        try:
+            other = self._trace_chain(size + 1, size + 2)
+        except TraceError:
+            # e.g. DLA only runs on sizes divisible by its stride: tiles are rounded up to it
+            align = StreamGeometry.of_chain(reference, False).align
+            other = self._trace_chain(size + align[0], size + 2 * align[1])
+            needs_multiple = True
+        for a, b in zip(reference, other):
+            check_size_independent(a, b)
+        self._reference = reference
+        self._needs_multiple = needs_multiple
+        self.geometry = StreamGeometry.of_chain(reference, needs_multiple)
+
+    def _make_pieces(self, stitch: str | Sequence[str]) -> None:
+        names = [name for name, _ in self._children]
+        ref = self._reference
+        if stitch == "auto":
+            input_elements = math.prod(ref[0].input_shape)
+            cuts = {i for i in range(len(ref) - 1) if math.prod(ref[i].output_shape) <= input_elements}
+        elif stitch in ("none", None):
+            cuts = set()
+        else:
+            unknown = [s for s in stitch if s not in names]
+            if unknown:
+                raise StreamingError(f"stitch names {unknown} are not children of the module; children: {names}")
+            cuts = {names.index(s) for s in stitch if names.index(s) < len(names) - 1}
+        bounds, start = [], 0
+        for i in range(len(ref)):
+            if i in cuts or i == len(ref) - 1:
+                bounds.append((start, i + 1))
+                start = i + 1
+        self._pieces = [_Piece(names[a:b], [m for _, m in self._children[a:b]]) for a, b in bounds]
+        self._bounds = bounds
+        self._piece_geometry = [StreamGeometry.of_chain(ref[a:b], self._needs_multiple) for a, b in bounds]
+        first = self._piece_geometry[0]
+        if any(self.tile_size[i] < first.min_tile_size[i] for i in range(2)):
+            (mh, mw), (rh, rw) = first.min_tile_size, first.receptive_field
+            raise TileTooSmallError(
+                f"tile_size {self.tile_size} is too small for this network: the receptive field of "
+                f"'{self._pieces[0].label}' is {rh}x{rw} px at stride {first.stride}; use tile_size of "
+                f"at least ({mh}, {mw})")
+
+    def _mode_key(self) -> tuple:
+        return tuple(m.training for m in self.module.modules())
+
+    def _chain_for(self, height: int, width: int, dtype: torch.dtype) -> list[Trace]:
+        key = (height, width, dtype, self._mode_key())
+        chain = self._chains.get(key)
+        if chain is None:
+            multiple = self.geometry.size_multiple
+            if height % multiple[0] or width % multiple[1]:
+                raise StreamingError(
+                    f"this network only runs on input sizes divisible by {multiple}; got {height}x{width}: "
+                    "pad or crop the image")
+            chain = self._trace_chain(height, width, dtype)
+            for a, b in zip(self._reference, chain):
+                check_size_independent(a, b)
+            if len(self._chains) > 64:
+                self._chains.clear()
+            self._chains[key] = chain
+        return chain
+
+    def plan(self, input_size: Sequence[int], dtype: torch.dtype = torch.float32) -> StreamPlan:
+        """What streaming an input of ``input_size`` (H, W) does: tiles per piece, number of tiles,
+        overlap, output size, stride and halo. Runs nothing but a shape trace."""
+        height, width = int(input_size[0]), int(input_size[1])
+        chain = self._chain_for(height, width, dtype)
+        work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in self._bounds)
+        pieces: list[TilePlan] = []
+        for index, ((a, b), geometry) in enumerate(zip(self._bounds, self._piece_geometry)):
+            size_in, size_out = chain[a].input_shape[2:], chain[b - 1].output_shape[2:]
+            if index == 0:
+                tile = self.tile_size
+            else:
+                # Same activation memory as the first piece's largest tile: a small late map runs
+                # as one tile (no recomputation at all), a large one is tiled to stay within budget.
+                density = [work[i] / math.prod(chain[self._bounds[i][0]].input_shape[2:]) for i in (0, index)]
+                scale = math.sqrt(density[0] / density[1]) if density[1] > 0 else float(max(size_in))
+                largest = pieces[0].largest_tile
+                tile = tuple(max(int(largest[i] * scale), geometry.min_tile_size[i]) for i in range(2))
+            pieces.append(make_plan(size_in, size_out, tile, geometry.axes, geometry.align,
+                                    geometry.size_multiple))
+        return StreamPlan((height, width), tuple(chain[-1].output_shape[2:]), self.geometry, tuple(pieces),
+                          tuple(p.label for p in self._pieces), work)
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> "StreamingCNN":
+        super().train(mode)
+        freeze_norm_layers(self.module)
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def _prepare(self, x: Tensor, device: torch.device) -> Tensor:
+        x = x.to(device)
+        return self.preprocess(x) if self.preprocess is not None else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
+        freeze_norm_layers(self.module)
+        device = _module_device(self.module)
+        if not self.streaming:
+            return self.module(self._prepare(x, device))
+        plan = self.plan(x.shape[-2:], x.dtype)
+        needs_grad = torch.is_grad_enabled()
+        for index, (piece, piece_plan) in enumerate(zip(self._pieces, plan.pieces)):
+            preprocess = self.preprocess if index == 0 else None
+            if piece_plan.num_tiles == 1:  # the whole map is one tile: run it plainly, nothing to recompute
+                x = piece.module(preprocess(x.to(device)) if preprocess is not None else x.to(device))
+                continue
+            params = [p for p in piece.module.parameters() if p.requires_grad]
+            # Only the final piece keeps its last tile: nothing but the caller's head runs before its
+            # backward, so the kept graph never coexists with another piece's activations.
+            keep = self.keep_last_tile and index == len(self._pieces) - 1
+            runner = TileRunner(piece.module, piece_plan, params, device, preprocess, self.progress, keep)
+            if needs_grad and (x.requires_grad or params):
+                x = StreamFunction.apply(runner, x, *params)
+            else:
+                x = runner.forward(x, keep_last=False)[0]
+        return x
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (f"tile_size={self.tile_size}, stride={g.stride}, receptive_field={g.receptive_field}, "
+                f"pieces={[p.label for p in self._pieces]}, streaming={self.streaming}")
