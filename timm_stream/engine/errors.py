@@ -9,11 +9,17 @@ class StreamingError(ValueError):
 
 
 class TileTooSmallError(StreamingError):
-    """The tile cannot hold the receptive field of even one output position."""
+    """The tile cannot hold the receptive field of even one output position. ``min_tile_size`` is the
+    smallest tile that works, when known."""
+
+    def __init__(self, message: str, min_tile_size: tuple[int, int] | int | None = None):
+        super().__init__(message)
+        self.min_tile_size = min_tile_size
 
 
-class TraceError(StreamingError):
-    """The module could not be run symbolically to derive its geometry."""
+class TraceError(StreamingError, RuntimeError):
+    """The module could not be run symbolically to derive its geometry (e.g. the input has the wrong
+    number of channels: the message carries torch's own error)."""
 
 
 class NonLocalModuleError(StreamingError):

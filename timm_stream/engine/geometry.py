@@ -222,7 +222,8 @@ def plan_axis(length: int, out_length: int, geometry: AxisGeometry, align: int,
         raise TileTooSmallError(
             f"a tile of {max_tile} px cannot hold the receptive field of one output "
             f"({geometry.size} px at stride {geometry.stride}, tiles aligned to {align} px); "
-            f"use a tile of at least {min_tile_length(geometry, align, size_multiple)} px"
+            f"use a tile of at least {min_tile_length(geometry, align, size_multiple)} px",
+            min_tile_length(geometry, align, size_multiple),
         )
     low, high = 1, max(t.length for t in tiles)
     while low < high:  # smallest max_tile that keeps the same number of tiles

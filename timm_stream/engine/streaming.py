@@ -57,6 +57,13 @@ def _infer_in_channels(module: nn.Module) -> int | None:
     return None
 
 
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
 def _module_device(module: nn.Module) -> torch.device:
     for t in module.parameters():
         return t.device
@@ -177,15 +184,16 @@ class StreamingCNN(nn.Module):
     """Run ``module`` (a local CNN trunk) tile by tile; same output and gradients as running it whole.
 
     Args:
-        module: the trunk. Every operation in it must be local (convolutions, pooling, eval-mode
-            norms, activations, residual additions, channel concatenation...); anything else is
-            refused at construction with an error naming the module.
+        module: the trunk, or its consecutive parts as ``(name, module)`` pairs. Every operation in it
+            must be local (convolutions, pooling, eval-mode norms, activations, residual additions,
+            channel concatenation...); anything else is refused at construction with an error naming
+            the module.
         tile_size: largest tile, in input pixels: int or (height, width). Later pieces (see
             ``stitch``) get tiles of the same activation memory.
         preprocess: applied to each tile on the module's device before the module (e.g. uint8 to
             normalized float), so that a huge input never has to be converted as a whole.
         in_channels: channels of the input (default: those of the first ``Conv2d``).
-        stitch: for an ``nn.Sequential``, after which children to stitch the feature map and stream
+        stitch: for an ``nn.Sequential`` (or named parts), after which children to stitch the feature map and stream
             the rest as a new piece: ``"auto"`` (after children whose output has no more elements
             than the input; it cuts recomputation of large receptive fields), ``"none"``, or names.
         progress: show a progress bar over tiles.
@@ -196,10 +204,17 @@ class StreamingCNN(nn.Module):
     ``train()`` says. ``plan(size)`` shows the tiling for an input size before anything runs.
     """
 
-    def __init__(self, module: nn.Module, tile_size: int | Sequence[int], *,
+    def __init__(self, module: nn.Module | Sequence[tuple[str, nn.Module]], tile_size: int | Sequence[int], *,
                  preprocess: Callable[[Tensor], Tensor] | None = None, in_channels: int | None = None,
                  stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True):
         super().__init__()
+        if isinstance(module, (list, tuple)):  # named consecutive parts: names are used in messages
+            self._children = [(str(name), part) for name, part in module]
+            module = nn.Sequential(*[part for _, part in self._children])
+        elif isinstance(module, nn.Sequential) and len(module) > 0:
+            self._children = list(module.named_children())
+        else:
+            self._children = [("", module)]
         self.module = module
         self.tile_size = _as_tile_size(tile_size)
         self.preprocess = preprocess
@@ -209,20 +224,18 @@ class StreamingCNN(nn.Module):
         self.progress = progress
         self.keep_last_tile = keep_last_tile
         self.streaming = True
-        if isinstance(module, nn.Sequential) and len(module) > 0:
-            self._children = list(module.named_children())
-        else:
-            self._children = [("", module)]
         self._chains: dict[tuple, list[Trace]] = {}
         freeze_norm_layers(self.module)
         self._derive_geometry()
         self._make_pieces(stitch)
 
     # ------------------------------------------------------------------ geometry
-    def _trace_chain(self, height: int, width: int, dtype: torch.dtype = torch.float32) -> list[Trace]:
+    def _trace_chain(self, height: int, width: int, dtype: torch.dtype | None = None,
+                     channels: int | None = None) -> list[Trace]:
         """Trace child by child (the output shape of one is the input of the next)."""
         traces = []
-        shape: tuple[int, ...] = (1, self.in_channels, height, width)
+        dtype = dtype or _module_dtype(self.module)
+        shape: tuple[int, ...] = (1, channels or self.in_channels, height, width)
         for index, (name, child) in enumerate(self._children):
             fn = child
             if index == 0 and self.preprocess is not None:
@@ -284,13 +297,13 @@ class StreamingCNN(nn.Module):
             raise TileTooSmallError(
                 f"tile_size {self.tile_size} is too small for this network: the receptive field of "
                 f"'{self._pieces[0].label}' is {rh}x{rw} px at stride {first.stride}; use tile_size of "
-                f"at least ({mh}, {mw})")
+                f"at least ({mh}, {mw})", min_tile_size=(mh, mw))
 
     def _mode_key(self) -> tuple:
         return tuple(m.training for m in self.module.modules())
 
-    def _chain_for(self, height: int, width: int, dtype: torch.dtype) -> list[Trace]:
-        key = (height, width, dtype, self._mode_key())
+    def _chain_for(self, height: int, width: int, dtype: torch.dtype, channels: int) -> list[Trace]:
+        key = (height, width, dtype, channels, self._mode_key())
         chain = self._chains.get(key)
         if chain is None:
             multiple = self.geometry.size_multiple
@@ -298,7 +311,7 @@ class StreamingCNN(nn.Module):
                 raise StreamingError(
                     f"this network only runs on input sizes divisible by {multiple}; got {height}x{width}: "
                     "pad or crop the image")
-            chain = self._trace_chain(height, width, dtype)
+            chain = self._trace_chain(height, width, dtype, channels)
             for a, b in zip(self._reference, chain):
                 check_size_independent(a, b)
             if len(self._chains) > 64:
@@ -306,11 +319,12 @@ class StreamingCNN(nn.Module):
             self._chains[key] = chain
         return chain
 
-    def plan(self, input_size: Sequence[int], dtype: torch.dtype = torch.float32) -> StreamPlan:
+    def plan(self, input_size: Sequence[int], dtype: torch.dtype | None = None,
+             channels: int | None = None) -> StreamPlan:
         """What streaming an input of ``input_size`` (H, W) does: tiles per piece, number of tiles,
         overlap, output size, stride and halo. Runs nothing but a shape trace."""
         height, width = int(input_size[0]), int(input_size[1])
-        chain = self._chain_for(height, width, dtype)
+        chain = self._chain_for(height, width, dtype or _module_dtype(self.module), channels or self.in_channels)
         work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in self._bounds)
         pieces: list[TilePlan] = []
         for index, ((a, b), geometry) in enumerate(zip(self._bounds, self._piece_geometry)):
@@ -347,7 +361,7 @@ class StreamingCNN(nn.Module):
         device = _module_device(self.module)
         if not self.streaming:
             return self.module(self._prepare(x, device))
-        plan = self.plan(x.shape[-2:], x.dtype)
+        plan = self.plan(x.shape[-2:], x.dtype, x.shape[1])
         needs_grad = torch.is_grad_enabled()
         for index, (piece, piece_plan) in enumerate(zip(self._pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
