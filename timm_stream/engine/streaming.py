@@ -3,7 +3,7 @@
 A trunk given as an ``nn.Sequential`` may be streamed in several *pieces*: the stitched output of one
 piece is the input of the next, and each piece is tiled with only its own receptive-field halo. Deep
 stages have large halos but small feature maps, so stitching after them removes most recomputation
-(the stitched maps are kept, which is why ``stitch="auto"`` only stitches maps no larger than the input).
+(the stitched maps are kept, which is why ``stitch="auto"`` keeps them at most twice the input's size).
 Pieces compose exactly because each is exact; autograd chains them.
 """
 from __future__ import annotations
@@ -194,8 +194,9 @@ class StreamingCNN(nn.Module):
             normalized float), so that a huge input never has to be converted as a whole.
         in_channels: channels of the input (default: those of the first ``Conv2d``).
         stitch: for an ``nn.Sequential`` (or named parts), after which children to stitch the feature map and stream
-            the rest as a new piece: ``"auto"`` (after children whose output has no more elements
-            than the input; it cuts recomputation of large receptive fields), ``"none"``, or names.
+            the rest as a new piece: ``"auto"`` (late children first, while the stitched maps hold
+            at most twice the input's elements; it cuts the recomputation that large receptive
+            fields cause), ``"none"``, or names.
         progress: show a progress bar over tiles.
         keep_last_tile: keep the last tile's graph from forward to backward instead of recomputing it
             (final piece only, so that memory stays about one tile).
@@ -274,8 +275,15 @@ class StreamingCNN(nn.Module):
         names = [name for name, _ in self._children]
         ref = self._reference
         if stitch == "auto":
-            input_elements = math.prod(ref[0].input_shape)
-            cuts = {i for i in range(len(ref) - 1) if math.prod(ref[i].output_shape) <= input_elements}
+            # From the end (late maps are small, and late stages have the largest halos): stitch while
+            # all stitched maps together hold at most twice as many elements as the input.
+            budget = 2 * math.prod(ref[0].input_shape)
+            cuts = set()
+            for i in range(len(ref) - 2, -1, -1):
+                elements = math.prod(ref[i].output_shape)
+                if elements <= budget:
+                    cuts.add(i)
+                    budget -= elements
         elif stitch in ("none", None):
             cuts = set()
         else:

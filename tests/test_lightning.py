@@ -1,0 +1,342 @@
+"""Lightning layer: fit on tiny generated TIFF/PNG/JPEG images, CLI fit/predict, checkpoints loadable
+with weights_only=True, atomic checkpoint writes, up-front data validation, export.
+
+Everything runs offline on the CPU with ``stream_test_resnet`` and small tiles (several tiles per
+image, so the streamed path is what runs)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+lightning = pytest.importorskip("lightning")
+tifffile = pytest.importorskip("tifffile")
+from PIL import Image  # noqa: E402
+
+from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from timm_stream.lightning import (AtomicCheckpointIO, DataValidationError, LargeImageDataModule,  # noqa: E402
+                                   LargeImageDataset, StreamingClassifier, collate_images, read_image,
+                                   read_image_info)
+from timm_stream.lightning.checkpoint import atomic_torch_save  # noqa: E402
+from timm_stream.lightning.cli import StreamingCLI  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(model_name="stream_test_resnet", num_classes=2, tile_size=64, global_pool="max")
+SIZE = 128  # 128x128 images, 64 px tiles: several tiles per image
+
+
+def _image(rng: np.random.Generator, label: int, size: int = SIZE, channels: int = 3) -> np.ndarray:
+    img = rng.integers(60, 120, (size, size, channels), dtype=np.uint8)
+    if label:
+        img[size // 3: size // 3 + 6, size // 2: size // 2 + 6] = 250
+    return img
+
+
+def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5) -> None:
+    """A tiled, pyramidal TIFF (levels as SubIFDs), with resolution tags."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=(32, 32), subifds=2, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp),
+                  resolutionunit="CENTIMETER")
+        tif.write(image[::2, ::2], tile=(32, 32), subfiletype=1, photometric="rgb")
+        tif.write(image[::4, ::4], tile=(16, 16), subfiletype=1, photometric="rgb")
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    """train: 4 images (2 pyramidal tiled TIFF, 1 PNG, 1 JPEG); val: 2 PNG; test: 1 TIFF + 1 PNG of
+    another size; CSV with class names."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (split, label, fmt) in enumerate([("train", 0, "tif"), ("train", 1, "tif"), ("train", 0, "png"),
+                                             ("train", 1, "jpg"), ("val", 0, "png"), ("val", 1, "png"),
+                                             ("test", 1, "tif"), ("test", 0, "png")]):
+        size = 160 if split == "test" and fmt == "png" else SIZE
+        img = _image(rng, label, size)
+        name = f"img{i}.{fmt}"
+        if fmt == "tif":
+            write_pyramid_tiff(root / name, img)
+        else:
+            Image.fromarray(img).save(root / name, quality=95) if fmt == "jpg" else Image.fromarray(img).save(root / name)
+        rows.append((name, ["negative", "positive"][label], split))
+    with open(root / "data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(rows)
+    return root
+
+
+def _trainer(tmp_path: Path, **kwargs) -> Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
+                    default_root_dir=str(tmp_path))
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+# ------------------------------------------------------------------------------------------- readers
+def test_pyramid_levels_and_mpp(dataset_dir):
+    info = read_image_info(dataset_dir / "img0.tif")
+    assert (info.height, info.width, info.channels, info.levels) == (SIZE, SIZE, 3, 3)
+    assert read_image_info(dataset_dir / "img0.tif", level=1).height == SIZE // 2
+    assert read_image_info(dataset_dir / "img0.tif", level=-1).height == SIZE // 4
+    assert read_image_info(dataset_dir / "img0.tif", mpp=2.0).level == 2  # 0.5 um/px * 4
+    full = read_image(dataset_dir / "img0.tif")
+    half = read_image(dataset_dir / "img0.tif", level=1)
+    assert full.dtype == np.uint8 and full.shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(half, full[::2, ::2])
+    with pytest.raises(ValueError, match="img0.tif.*level 5 does not exist"):
+        read_image_info(dataset_dir / "img0.tif", level=5)
+
+
+def test_gray_broadcast_and_augment_views(tmp_path):
+    gray = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    arr = read_image(tmp_path / "g.png")
+    assert arr.shape == (12, 10, 3) and arr.strides[2] == 0  # broadcast, not copied
+    ds = LargeImageDataset([tmp_path / "g.png"] * 16, [0] * 16, augment=True)
+    torch.manual_seed(0)
+    seen = set()
+    symmetries = {np.rot90(gray, k)[:, ::f].tobytes() for k in range(4) for f in (1, -1)}
+    for i in range(16):
+        item = ds[i]
+        assert not item["image"].flags.owndata  # a view of the decoded image
+        batch = collate_images([item])
+        img = batch["image"][0]
+        assert img.dtype == torch.uint8 and img.is_contiguous()
+        assert torch.equal(img[0], img[2])
+        assert img[0].numpy().tobytes() in symmetries
+        seen.add(img[0].numpy().tobytes())
+    assert len(seen) > 2  # augmentation happens
+
+
+def test_collate_variable_sizes(dataset_dir):
+    ds = LargeImageDataset([dataset_dir / "img6.tif", dataset_dir / "img7.png"], [1, 0])
+    batch = collate_images([ds[0], ds[1]])
+    assert isinstance(batch["image"], list) and [tuple(x.shape) for x in batch["image"]] == [(1, 3, SIZE, SIZE),
+                                                                                              (1, 3, 160, 160)]
+    assert batch["label"].tolist() == [1, 0] and batch["path"][1].endswith("img7.png")
+
+
+# ------------------------------------------------------------------------------------------- fit
+def test_fit_few_steps(dataset_dir, tmp_path):
+    seed_everything(0)
+    model = StreamingClassifier(**MODEL, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = LargeImageDataModule(csv=str(dataset_dir / "data.csv"), num_workers=0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True)
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[checkpoint], accumulate_grad_batches=2)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2  # 4 images, 2 per optimizer step
+    assert model.label_names == ["negative", "positive"]  # from the CSV's class names
+    changed = [k for k, v in model.state_dict().items() if k.endswith("weight") and not torch.equal(v, before[k])]
+    assert "model.conv1.0.weight" in changed and "model.fc.weight" in changed
+    for key in ("train/loss_epoch", "val/loss", "val/acc", "val/auroc"):
+        assert key in trainer.callback_metrics, key
+    assert model.model.streaming and model.model.stream_plan((SIZE, SIZE)).num_tiles > 1
+    # checkpoints load with weights_only=True and carry what export needs
+    for path in (checkpoint.best_model_path, checkpoint.last_model_path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        info = ckpt["timm_stream"]
+        assert info["model_name"] == "stream_test_resnet" and info["label_names"] == ["negative", "positive"]
+        assert info["model_kwargs"]["tile_size"] == 64 and "val/acc" in info["metrics"]
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    restored = StreamingClassifier.load_from_checkpoint(checkpoint.last_model_path, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, restored.state_dict()[k]), k
+
+
+def test_fit_bf16_mixed_precision(dataset_dir, tmp_path):
+    """Precision is the Trainer's: autocast reaches the tiles (and their recomputation in backward)."""
+    seed_everything(0)
+    model = StreamingClassifier(**MODEL)
+    seen = []
+    model.model.layer1.register_forward_hook(lambda m, i, o: None if o.is_meta else seen.append(o.dtype))
+    data = LargeImageDataModule(csv=str(dataset_dir / "data.csv"), num_workers=0)
+    trainer = _trainer(tmp_path, precision="bf16-mixed", max_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(model, data)
+    assert trainer.global_step == 1 and seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _broken_case(case: str, root: Path, rng) -> tuple[list[tuple[str, object, str]], str, str]:
+    """CSV rows (path, label, split) with one bad entry; the bad file's name; a pattern of the message."""
+    good = [("good0.png", 0, "train"), ("good1.png", 1, "val")]
+    for name, _, _ in good:
+        if not (root / name).exists():
+            Image.fromarray(_image(rng, 0)).save(root / name)
+    if case == "missing":
+        return good + [("missing.tif", 0, "train")], "missing.tif", "file not found"
+    if case == "unreadable":
+        (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+        return good + [("corrupt.png", 1, "train")], "corrupt.png", "cannot read"
+    if case == "label":
+        Image.fromarray(_image(rng, 0)).save(root / "label3.png")
+        return good + [("label3.png", 3, "train")], "label3.png", "outside the class range"
+    if case == "small":
+        Image.fromarray(_image(rng, 0, size=20)).save(root / "tiny.png")
+        return good + [("tiny.png", 1, "val")], "tiny.png", "smaller than the network's stride"
+    if case == "level":
+        write_pyramid_tiff(root / "pyr.tif", _image(rng, 0))  # 3 levels; the PNGs have none: TIFF only
+        return [("pyr.tif", 0, "train"), ("pyr.tif", 1, "val")], "pyr.tif", "level 7 does not exist"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable", "label", "small", "level"])
+def test_bad_data_fails_before_training(case, tmp_path):
+    rows, bad, pattern = _broken_case(case, tmp_path, np.random.default_rng(1))
+    with open(tmp_path / "data.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    model = StreamingClassifier(**MODEL)
+    data = LargeImageDataModule(csv=str(tmp_path / "data.csv"), num_workers=0,
+                                level=7 if case == "level" else None)
+    trainer = _trainer(tmp_path)
+    with pytest.raises(DataValidationError) as info:
+        trainer.fit(model, data)
+    message = str(info.value)
+    assert bad in message and pattern in message, message
+    assert str(tmp_path / bad) in message
+    assert trainer.global_step == 0
+
+
+def test_csv_errors_name_the_csv(tmp_path):
+    (tmp_path / "a.csv").write_text("path,label,split\nx.png,0,holdout\n")
+    with pytest.raises(DataValidationError, match=r"a.csv, line 2: unknown split 'holdout'"):
+        LargeImageDataModule(csv=str(tmp_path / "a.csv")).setup("fit")
+    (tmp_path / "b.csv").write_text("path,label\nx.png,cat\ny.png,1\n")
+    with pytest.raises(DataValidationError, match="mix class indices and class names"):
+        LargeImageDataModule(csv=str(tmp_path / "b.csv")).setup("fit")
+
+
+# ------------------------------------------------------------------------------------------- atomic checkpoints
+def test_atomic_checkpoint_write(tmp_path, monkeypatch):
+    target = tmp_path / "ckpts" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, target)
+    assert torch.load(target, weights_only=True)["epoch"] == 1
+    real_save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(10)  # a partial file...
+        raise OSError("disk full")  # ...and the process dies while writing
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, target)
+    with pytest.raises(OSError):
+        atomic_torch_save({"epoch": 3}, tmp_path / "ckpts" / "new.ckpt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temp file, no partial new.ckpt
+    assert torch.load(target, weights_only=True)["epoch"] == 1  # the previous complete checkpoint
+
+
+# ------------------------------------------------------------------------------------------- CLI, predict, export
+@pytest.fixture(scope="module")
+def cli_run(dataset_dir, tmp_path_factory):
+    """``timm-stream fit`` (LightningCLI) on the tiny data with a YAML config; returns (config, best ckpt)."""
+    out = tmp_path_factory.mktemp("cli")
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 2, "default_root_dir": str(out),
+                    "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}},
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(out / "ckpt"), "monitor": "val/acc", "mode": "max"}}]},
+        "model": {**MODEL, "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
+                  "scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}},
+        "data": {"csv": str(dataset_dir / "data.csv"), "num_workers": 1},
+    }
+    path = out / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = StreamingCLI(args=["fit", "--config", str(path)])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert cli.trainer.global_step == 8  # 2 epochs x 4 images
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert best and os.path.isfile(best)
+    return path, best, out
+
+
+def test_cli_predict_writes_csv(cli_run, dataset_dir):
+    config, best, out = cli_run
+    output = out / "predictions.csv"
+    StreamingCLI(args=["predict", "--config", str(config), "--ckpt_path", best, "--predictions.output", str(output),
+                       "--trainer.logger", "false"])
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "prediction", "prob_negative", "prob_positive"]
+    assert [Path(r["path"]).name for r in rows] == ["img6.tif", "img7.png"]  # the test split, two sizes
+    for r in rows:
+        probs = [float(r["prob_negative"]), float(r["prob_positive"])]
+        assert abs(sum(probs) - 1) < 1e-4
+        assert r["prediction"] == ["negative", "positive"][int(np.argmax(probs))]
+
+
+def test_push_to_hub_dry_run(cli_run, tmp_path):
+    _, best, _ = cli_run
+    out = tmp_path / "export"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "push_to_hub.py"), best, "--dry-run",
+                             "--output-dir", str(out), "--license", "apache-2.0"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert "val/acc" in card and "apache-2.0" in card
+    import timm_stream
+
+    exported = timm_stream.load_pretrained(str(out))
+    model = StreamingClassifier.load_from_checkpoint(best, weights_only=True).model.eval()
+    x = torch.randint(0, 256, (1, 3, SIZE, SIZE), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(x), model(x))
+    config = json.loads((out / "config.json").read_text())
+    assert config["label_names"] == ["negative", "positive"] and config["model_args"]["tile_size"] == [64, 64]
+    assert "random initialization" in card  # not the pretrained cfg's weights: the run started from scratch
+
+
+def test_memory_estimate_streamed_below_untiled():
+    from timm_stream.lightning import estimate_training_memory
+
+    model = StreamingClassifier(**{**MODEL, "tile_size": 256}).model
+    estimate = estimate_training_memory(model, (2048, 2048))
+    assert estimate.untiled_activation_bytes > 3 * (estimate.tile_activation_bytes + estimate.stitched_bytes)
+    assert estimate.untiled_bytes > estimate.streamed_bytes
+
+
+def test_wrong_model_name_is_clear():
+    with pytest.raises(ValueError, match="did you mean 'stream_test_resnet'"):
+        StreamingClassifier(model_name="test_resnet")
+
+
+# ------------------------------------------------------------------------------------------- recipes, demo
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_recipes_parse(recipe, capsys):
+    """Every recipe is a valid config of the CLI (keys, types, importable class paths)."""
+    with pytest.raises(SystemExit) as exit_info:
+        StreamingCLI(args=["fit", "--config", str(REPO / "recipes" / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_name"].startswith("stream_")
+    assert "memory" in (REPO / "recipes" / recipe).read_text().lower()
+
+
+def test_demo_smoke(tmp_path):
+    """The demo end to end at toy size (the real run is minutes; see the README)."""
+    from timm_stream.lightning.demo import downsampled_difference, run
+
+    result = run(["--images", "4", "--val-images", "2", "--size", "192", "--epochs", "1", "--tile-size", "96",
+                  "--output-dir", str(tmp_path), "--no-progress"])
+    assert 0.0 <= result["accuracy"] <= 1.0 and os.path.isfile(result["checkpoint"])
+    assert result["untiled_estimate"] > result["streamed_estimate"]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert downsampled_difference(2048) < 5 < downsampled_difference(256)  # the pattern vanishes at 224 px

@@ -1,0 +1,593 @@
+"""Large-image data for streaming training: CSV or folder layouts, TIFF (tiled / pyramidal), PNG, JPEG.
+
+Design points (gigapixel images):
+
+* The dataset holds paths and labels only (as numpy arrays, so forked workers do not copy-on-write
+  Python objects); every image is read in ``__getitem__``.
+* Images stay ``uint8`` until the model normalizes them tile by tile (``normalize_input=True``).
+* Augmentations are the 8 flips / 90-degree rotations, applied as numpy *views* (no copy); the one
+  copy every image needs -- into a contiguous ``(C, H, W)`` tensor -- is made by :func:`collate_images`
+  straight into shared memory when it runs in a worker, so the main process receives it without
+  another copy.
+* Variable image sizes: batches of equal-sized images are stacked; otherwise the batch's ``image`` is
+  a list of ``(1, C, H, W)`` tensors that :class:`~timm_stream.lightning.StreamingClassifier` runs one
+  by one. The default batch size is 1 (use ``Trainer(accumulate_grad_batches=...)`` for larger
+  effective batches).
+* Every image of the stages being set up is checked before training starts, reading only headers:
+  missing or unreadable files, labels outside the class range, images smaller than the network's
+  stride. All problems are reported at once, each naming its file.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from lightning.pytorch import LightningDataModule
+
+__all__ = [
+    "IMAGE_SUFFIXES", "ImageInfo", "DataValidationError", "ImageReadError", "read_image_info", "read_image",
+    "LargeImageDataset", "collate_images", "LargeImageDataModule", "read_csv", "read_folder",
+    "validate_entries", "SPLITS",
+]
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+_TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2")
+SPLITS = ("train", "val", "test", "predict")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test", "predict": "predict", "prediction": "predict"}
+_MAX_LISTED = 50
+
+
+class DataValidationError(ValueError):
+    """The data cannot be used as given; the message lists every problem found, each with its file."""
+
+
+class ImageReadError(ValueError):
+    """An image file cannot be read (the message names the file and the reason)."""
+
+
+# ------------------------------------------------------------------------------------------ readers
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header of an image says: size of the chosen level, channels, dtype."""
+
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    level: int = 0
+    levels: int = 1
+
+
+def _is_tiff(path: str) -> bool:
+    return path.lower().endswith(_TIFF_SUFFIXES)
+
+
+def _tiff_levels(tif) -> list:
+    """Pyramid levels, finest first: the levels of the first series (SubIFDs, OME, SVS...), or, for
+    files that store each level as its own page, the series that are reduced copies of the first."""
+    series = tif.series[0]
+    levels = list(series.levels)
+    if len(levels) == 1 and len(tif.series) > 1:
+        first = series
+        for other in tif.series[1:]:
+            if (other.axes == first.axes and other.dtype == first.dtype and all(
+                    o <= f for o, f in zip(other.shape, first.shape)) and other.shape != first.shape):
+                levels.append(other)
+    return sorted(levels, key=lambda s: -int(np.prod(s.shape)))
+
+
+def _spatial_shape(shape: Sequence[int], axes: str, path: str) -> tuple[int, int, int]:
+    """(H, W, C) of a tifffile series shape/axes; extra axes of size 1 are dropped."""
+    dims = dict(zip(axes, shape))
+    if "Y" not in dims or "X" not in dims:
+        raise ImageReadError(f"{path}: TIFF series has axes '{axes}' without Y and X")
+    channel_axes = [a for a in axes if a in "SC"]
+    extra = [a for a in axes if a not in "YXSC" and dims[a] != 1]
+    if extra or len([a for a in channel_axes if dims[a] != 1]) > 1:
+        raise ImageReadError(f"{path}: TIFF series has axes '{axes}' with shape {tuple(shape)}; only 2-D "
+                             "images (Y, X and one channel axis) are supported")
+    channels = int(np.prod([dims[a] for a in channel_axes])) if channel_axes else 1
+    return int(dims["Y"]), int(dims["X"]), channels
+
+
+def _microns_per_pixel(page) -> float | None:
+    try:
+        unit = int(page.resolutionunit)
+        x_res = page.get_resolution()[0]
+    except Exception:  # noqa: BLE001 - any missing/odd tag means "unknown"
+        return None
+    if not x_res or unit not in (2, 3):  # 2: inch, 3: centimeter
+        return None
+    return (25400.0 if unit == 2 else 10000.0) / float(x_res)
+
+
+def _choose_level(levels: list, path: str, level: int | None, mpp: float | None) -> int:
+    if level is not None and mpp is not None:
+        raise ValueError("give either level or mpp, not both")
+    if mpp is not None:
+        base = _microns_per_pixel(levels[0].keyframe)
+        if base is None:
+            raise ImageReadError(f"{path}: mpp={mpp} was asked for but the TIFF has no usable resolution "
+                                 "tags (XResolution/ResolutionUnit); choose a pyramid level with level: instead")
+        width0 = _spatial_shape(levels[0].shape, levels[0].axes, path)[1]
+        ratios = [abs(np.log(base * width0 / _spatial_shape(s.shape, s.axes, path)[1] / mpp)) for s in levels]
+        return int(np.argmin(ratios))
+    if level is None:
+        return 0
+    if not -len(levels) <= level < len(levels):
+        raise ImageReadError(f"{path}: level {level} does not exist: the file has {len(levels)} pyramid "
+                             f"level(s) (0..{len(levels) - 1}, or negative from the smallest)")
+    return level % len(levels)
+
+
+def _open_pil(path: str):
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # large images are the point: no decompression-bomb refusal
+    try:
+        return Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+_PIL_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4, "P": 3, "LA": 2, "CMYK": 3, "YCbCr": 3, "RGBX": 4}
+
+
+def read_image_info(path: str | os.PathLike, *, level: int | None = None, mpp: float | None = None) -> ImageInfo:
+    """Size, channels and dtype of ``path`` (the chosen pyramid level of a TIFF), from its header only."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        if _is_tiff(path):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                levels = _tiff_levels(tif)
+                index = _choose_level(levels, path, level, mpp)
+                chosen = levels[index]
+                height, width, channels = _spatial_shape(chosen.shape, chosen.axes, path)
+                compression = chosen.keyframe.compression
+                if compression not in tifffile.TIFF.DECOMPRESSORS:
+                    raise ImageReadError(
+                        f"{path}: TIFF compression {compression!r} needs a codec that is not installed: "
+                        "pip install imagecodecs")
+                return ImageInfo(height, width, channels, str(chosen.dtype), index, len(levels))
+        if level not in (None, 0) or mpp is not None:
+            raise ImageReadError(f"{path}: level/mpp apply to pyramidal TIFF files only")
+        with _open_pil(path) as img:
+            if img.mode not in _PIL_CHANNELS:
+                raise ImageReadError(f"{path}: image mode '{img.mode}' is not 8-bit; convert it to 8-bit "
+                                     "RGB or grayscale")
+            width, height = img.size
+            return ImageInfo(height, width, _PIL_CHANNELS[img.mode], "uint8")
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder says, name the file
+        raise ImageReadError(f"{path}: cannot read the image header ({type(exc).__name__}: {exc})") from exc
+
+
+def _adapt_channels(hwc: np.ndarray, channels: int, path: str) -> np.ndarray:
+    """(H, W, c) -> (H, W, channels) as a view: gray is broadcast, alpha dropped."""
+    have = hwc.shape[2]
+    if have == channels:
+        return hwc
+    if have == 1:
+        return np.broadcast_to(hwc, hwc.shape[:2] + (channels,))
+    if have == 2 and channels in (1, 3):  # gray + alpha
+        return _adapt_channels(hwc[:, :, :1], channels, path)
+    if have == 4 and channels == 3:
+        return hwc[:, :, :3]
+    raise ImageReadError(f"{path}: the image has {have} channels, the model takes {channels}")
+
+
+def read_image(path: str | os.PathLike, *, level: int | None = None, mpp: float | None = None,
+               channels: int = 3) -> np.ndarray:
+    """The image as a uint8 ``(H, W, channels)`` array (a view of what the decoder returned: gray is
+    broadcast to the channels without copying)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        if _is_tiff(path):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                levels = _tiff_levels(tif)
+                chosen = levels[_choose_level(levels, path, level, mpp)]
+                _spatial_shape(chosen.shape, chosen.axes, path)  # refuses stacks / volumes clearly
+                array = chosen.asarray()
+                axes = chosen.axes
+            array = array.reshape([n for n, a in zip(array.shape, axes) if a in "YXSC" or n != 1])
+            axes = "".join(a for n, a in zip(chosen.shape, axes) if a in "YXSC" or n != 1)
+            order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "SC"]
+            array = array.transpose(order)
+            if array.ndim == 2:
+                array = array[:, :, None]
+            elif array.ndim == 4:
+                array = array.reshape(array.shape[0], array.shape[1], -1)
+        else:
+            with _open_pil(path) as img:
+                if img.mode not in ("L", "RGB", "RGBA", "LA"):
+                    img = img.convert("RGB")
+                array = np.asarray(img)
+            if array.ndim == 2:
+                array = array[:, :, None]
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+    if array.dtype != np.uint8:
+        raise ImageReadError(f"{path}: pixels are {array.dtype}, not uint8; convert the image to 8 bits")
+    return _adapt_channels(array, channels, path)
+
+
+# ------------------------------------------------------------------------------------------ dataset
+class LargeImageDataset(Dataset):
+    """Images read from disk in ``__getitem__``; holds paths and labels only.
+
+    Items are dicts: ``image`` (uint8 ``(C, H, W)`` numpy *view*, possibly flipped/rotated, possibly
+    with negative strides: :func:`collate_images` makes the tensor), ``label`` (int, -1 if unknown),
+    ``path`` (str), ``index``.
+
+    Args:
+        paths, labels: the images and their class indices (None or -1: unlabeled).
+        level, mpp: pyramid level (negative: from the smallest) or target microns per pixel (the
+            level closest to it) of TIFF files.
+        augment: random flips and 90-degree rotations (the 8 symmetries of the square), as views.
+        channels: channels the model takes (gray is broadcast, alpha dropped).
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int | None] | None = None, *,
+                 level: int | None = None, mpp: float | None = None, augment: bool = False, channels: int = 3):
+        self.paths = np.array([os.fspath(p) for p in paths], dtype=np.str_)
+        labels = [-1] * len(self.paths) if labels is None else [-1 if v is None else int(v) for v in labels]
+        if len(labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(labels)} labels")
+        self.labels = np.array(labels, dtype=np.int64)
+        self.level, self.mpp, self.augment, self.channels = level, mpp, augment, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = str(self.paths[index])
+        hwc = read_image(path, level=self.level, mpp=self.mpp, channels=self.channels)
+        if self.augment:
+            choice = int(torch.randint(8, ()).item())  # torch's RNG: seeded per worker by the DataLoader
+            hwc = np.rot90(hwc, choice % 4, axes=(0, 1))
+            if choice >= 4:
+                hwc = hwc[:, ::-1]
+        return {"image": hwc.transpose(2, 0, 1), "label": int(self.labels[index]), "path": path, "index": index}
+
+
+def _new_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialized uint8 tensor; in shared memory when called in a DataLoader worker (as
+    ``default_collate`` does), so that it reaches the main process without another copy."""
+    if get_worker_info() is not None:
+        try:
+            elem = torch.empty(0, dtype=torch.uint8)
+            storage = elem._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+            return elem.new(storage).resize_(shape)
+        except (AttributeError, RuntimeError):  # pragma: no cover - private API moved: plain allocation
+            pass
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+def _to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    out = _new_uint8((len(arrays),) + tuple(arrays[0].shape))
+    target = out.numpy()
+    for i, array in enumerate(arrays):
+        np.copyto(target[i], array)  # the one copy: any strides (views, flips, broadcasts) to contiguous
+    return out
+
+
+def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items of :class:`LargeImageDataset`: ``image`` is a ``(N, C, H, W)`` uint8 tensor when all
+    images have one size, else a list of ``(1, C, H, W)`` tensors; ``label`` a long tensor (-1:
+    unknown); ``path`` a list of str; ``index`` a long tensor."""
+    arrays = [item["image"] for item in items]
+    if all(a.shape == arrays[0].shape for a in arrays):
+        images: torch.Tensor | list[torch.Tensor] = _to_tensor(arrays)
+    else:
+        images = [_to_tensor([a]) for a in arrays]
+    return {
+        "image": images,
+        "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
+        "path": [item["path"] for item in items],
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }
+
+
+# ------------------------------------------------------------------------------------------ layouts
+Entries = list[tuple[str, "int | str | None"]]
+
+
+def _split_name(value: str, where: str) -> str:
+    key = value.strip().lower()
+    if key not in _SPLIT_ALIASES:
+        raise DataValidationError(f"{where}: unknown split '{value}'; use one of {', '.join(SPLITS)}")
+    return _SPLIT_ALIASES[key]
+
+
+def read_csv(csv_path: str | os.PathLike) -> dict[str, Entries]:
+    """``path,label[,split]`` rows (a header row naming the columns is optional; relative paths are
+    relative to the CSV's folder; an empty label means unlabeled). Rows without a split column are
+    all ``train``. Labels are kept as written (int or class name) until :func:`resolve_labels`."""
+    csv_path = os.fspath(csv_path)
+    if not os.path.isfile(csv_path):
+        raise DataValidationError(f"{csv_path}: CSV file not found")
+    base = os.path.dirname(os.path.abspath(csv_path))
+    splits: dict[str, Entries] = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if row and any(c.strip() for c in row)]
+    if not rows:
+        raise DataValidationError(f"{csv_path}: the CSV is empty")
+    columns = {"path": 0, "label": 1, "split": 2}
+    first = [c.strip().lower() for c in rows[0][1]]
+    if "path" in first:
+        columns = {name: first.index(name) for name in ("path", "label", "split") if name in first}
+        rows = rows[1:]
+    for line, row in rows:
+        where = f"{csv_path}, line {line}"
+        cells = [c.strip() for c in row]
+        get = lambda name: cells[columns[name]] if name in columns and columns[name] < len(cells) else ""  # noqa: E731
+        path = get("path")
+        if not path:
+            raise DataValidationError(f"{where}: no image path")
+        label: int | str | None = get("label") or None
+        if label is not None:
+            try:
+                label = int(label)
+            except ValueError:
+                pass  # a class name
+        split = _split_name(get("split"), where) if get("split") else "train"
+        full = path if os.path.isabs(path) else os.path.join(base, path)
+        splits.setdefault(split, []).append((full, label))
+    return splits
+
+
+def read_folder(root: str | os.PathLike) -> dict[str, Entries]:
+    """``root/<split>/<class name>/<image>`` (split: train, val, test), plus unlabeled images anywhere
+    under ``root/predict/``. Labels are class names (folder names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataValidationError(f"{root}: folder not found")
+    found = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.lower() in _SPLIT_ALIASES}
+    if not found:
+        raise DataValidationError(
+            f"{root}: expected split folders ({', '.join(SPLITS)}) holding one folder per class, e.g. "
+            f"{root}/train/<class>/image.tif; or use a CSV (path,label,split)")
+    splits: dict[str, Entries] = {}
+    for name, folder in sorted(found.items()):
+        split = _SPLIT_ALIASES[name.lower()]
+        entries = splits.setdefault(split, [])
+        if split == "predict":
+            entries += [(str(p), None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            continue
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            entries += [(str(p), class_dir.name) for p in sorted(class_dir.rglob("*"))
+                        if p.suffix.lower() in IMAGE_SUFFIXES]
+    return splits
+
+
+def read_source(source: str | os.PathLike) -> dict[str, Entries]:
+    """A CSV file, a folder layout, or (for prediction) a single image file."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        layout = Path(source)
+        if any(p.is_dir() and p.name.lower() in _SPLIT_ALIASES for p in layout.iterdir()):
+            return read_folder(source)
+        return {"predict": [(str(p), None) for p in sorted(layout.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]}
+    if source.lower().endswith(IMAGE_SUFFIXES):
+        return {"predict": [(source, None)]}
+    return read_csv(source)
+
+
+def resolve_labels(splits: dict[str, Entries], label_names: Sequence[str] | None,
+                   source: str) -> tuple[dict[str, list[tuple[str, int | None]]], list[str] | None]:
+    """Class names -> indices. Integer labels are kept; names are looked up in ``label_names``, or, if
+    none are given, in the sorted set of names found in all splits."""
+    names = {label for entries in splits.values() for _, label in entries if isinstance(label, str)}
+    numbers = any(isinstance(label, int) for entries in splits.values() for _, label in entries)
+    if names and numbers:
+        raise DataValidationError(f"{source}: labels mix class indices and class names; use one or the other")
+    if names:
+        if label_names is None:
+            label_names = sorted(names)
+        unknown = sorted(names - set(label_names))
+        if unknown:
+            bad = [p for entries in splits.values() for p, label in entries if label in unknown][:5]
+            raise DataValidationError(f"{source}: class name(s) {unknown} are not in label_names {list(label_names)} "
+                                      f"(e.g. {', '.join(bad)})")
+    index = {name: i for i, name in enumerate(label_names or [])}
+    resolved = {split: [(p, index[label] if isinstance(label, str) else label) for p, label in entries]
+                for split, entries in splits.items()}
+    return resolved, (list(label_names) if label_names is not None else None)
+
+
+def validate_entries(entries: Sequence[tuple[str, int | None]], *, num_classes: int | None,
+                     min_size: tuple[int, int] = (1, 1), level: int | None = None, mpp: float | None = None,
+                     channels: int = 3, require_labels: bool = True, what: str = "data") -> list[ImageInfo]:
+    """Check every image from its header (exists, readable, 8-bit, large enough, channels usable) and
+    every label (present, in ``0..num_classes-1``). Raises one :class:`DataValidationError` listing all
+    problems, each naming its file; returns the headers."""
+    problems: list[str] = []
+    infos: list[ImageInfo] = []
+    for path, label in entries:
+        if require_labels and label is None:
+            problems.append(f"{path}: no label")
+        elif label is not None and num_classes is not None and not 0 <= label < num_classes:
+            problems.append(f"{path}: label {label} is outside the class range 0..{num_classes - 1} "
+                            f"(num_classes={num_classes})")
+        try:
+            info = read_image_info(path, level=level, mpp=mpp)
+        except (ImageReadError, ValueError) as exc:
+            problems.append(str(exc))
+            continue
+        infos.append(info)
+        where = f" (pyramid level {info.level} of {info.levels})" if info.levels > 1 else ""
+        if info.dtype != "uint8":
+            problems.append(f"{path}: pixels are {info.dtype}, not uint8; convert the image to 8 bits")
+        if info.height < min_size[0] or info.width < min_size[1]:
+            problems.append(f"{path}: image is {info.height}x{info.width} px{where}, smaller than the network's "
+                            f"stride {min_size[0]}x{min_size[1]}: it would have no output; use a finer level "
+                            "or remove it")
+        if info.channels not in (channels, 1) and not (info.channels == 4 and channels == 3) \
+                and not (info.channels == 2 and channels in (1, 3)):
+            problems.append(f"{path}: the image has {info.channels} channels, the model takes {channels}")
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise DataValidationError(f"{len(problems)} problem(s) in the {what} ({len(entries)} images):\n  "
+                                  f"{listed}{more}")
+    return infos
+
+
+# ------------------------------------------------------------------------------------------ datamodule
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class LargeImageDataModule(LightningDataModule):
+    """Large images from a CSV or a folder layout.
+
+    Args:
+        csv: CSV of ``path,label[,split]`` (header optional; labels are class indices or class names;
+            split: train / val / test / predict, default train; relative paths are relative to the CSV).
+        root: instead of ``csv``: ``root/<split>/<class name>/<image>`` (and unlabeled images under
+            ``root/predict/``).
+        predict: what ``predict`` runs on: a CSV, a folder (of images, or a layout) or one image.
+            Default: the ``predict`` split, else the ``test`` split, of ``csv``/``root``.
+        label_names: class names in class-index order (default: the model's, else the sorted names
+            found in the data).
+        num_classes: for use without a :class:`StreamingClassifier` (default: the model's).
+        level: TIFF pyramid level to read (0: full resolution; negative: from the smallest).
+        mpp: instead of ``level``: the TIFF level closest to this many microns per pixel.
+        batch_size: images per batch (default 1; images of different sizes are batched as a list).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches (only for GPU training with images small enough to pin).
+        augment: random flips and 90-degree rotations of training images.
+        validate: check every image header and label before training (recommended).
+        channels: input channels of the model.
+        images_on_host: leave images in host memory (labels still go to the device): the engine moves
+            one tile at a time to the device. For images too large for device memory even as uint8.
+    """
+
+    def __init__(self, csv: str | None = None, root: str | None = None, predict: str | None = None,
+                 label_names: list[str] | None = None, num_classes: int | None = None,
+                 level: int | None = None, mpp: float | None = None, batch_size: int = 1, num_workers: int = 2,
+                 pin_memory: bool = False, augment: bool = True, validate: bool = True, channels: int = 3,
+                 images_on_host: bool = False):
+        super().__init__()
+        if csv is not None and root is not None:
+            raise ValueError("give either csv or root, not both")
+        if level is not None and mpp is not None:
+            raise ValueError("give either level or mpp, not both")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.csv, self.root, self.predict_source = csv, root, predict
+        self.label_names = list(label_names) if label_names is not None else None
+        self.num_classes = num_classes
+        self.level, self.mpp, self.channels = level, mpp, channels
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.augment, self.validate = augment, validate
+        self.images_on_host = images_on_host
+        self.splits: dict[str, list[tuple[str, int | None]]] = {}
+        self.datasets: dict[str, LargeImageDataset] = {}
+
+    # -------------------------------------------------------------- what the model says
+    def _model(self):
+        trainer = getattr(self, "trainer", None)
+        return trainer.lightning_module if trainer is not None else None
+
+    def _model_num_classes(self) -> int | None:
+        model = self._model()
+        return getattr(model, "num_classes", None) if model is not None else None
+
+    def _min_size(self) -> tuple[int, int]:
+        model = self._model()
+        return tuple(getattr(model, "min_input_size", (1, 1))) if model is not None else (1, 1)
+
+    # -------------------------------------------------------------- setup
+    def _source_splits(self) -> tuple[dict[str, Entries], str]:
+        splits: dict[str, Entries] = {}
+        source = self.csv or self.root or ""
+        if self.csv is not None:
+            splits = read_csv(self.csv)
+        elif self.root is not None:
+            splits = read_folder(self.root)
+        if self.predict_source is not None:
+            splits["predict"] = [e for s, entries in read_source(self.predict_source).items() for e in entries]
+        elif "predict" not in splits and "test" in splits:
+            splits["predict"] = list(splits["test"])
+        return splits, source
+
+    def setup(self, stage: str | None = None) -> None:
+        model = self._model()
+        label_names = self.label_names
+        model_names = getattr(model, "label_names", None) if model is not None else None
+        if model_names is not None:
+            if label_names is not None and list(label_names) != list(model_names):
+                raise DataValidationError(f"data label_names {label_names} differ from the model's {model_names}")
+            label_names = model_names
+        splits, source = self._source_splits()
+        self.splits, self.label_names = resolve_labels(splits, label_names, source)
+        if model is not None and model_names is None and self.label_names is not None \
+                and hasattr(model, "label_names"):
+            model.label_names = list(self.label_names)  # stored in checkpoints and exported models
+        num_classes = self._model_num_classes() or self.num_classes
+        if num_classes is None and self.label_names is not None:
+            num_classes = len(self.label_names)
+        if self.label_names is not None and num_classes is not None and len(self.label_names) != num_classes:
+            raise DataValidationError(f"{source}: {len(self.label_names)} class names {self.label_names} but the "
+                                      f"model has num_classes={num_classes}")
+        wanted = _STAGE_SPLITS[stage] if stage in _STAGE_SPLITS else ("train", "val", "test")
+        for split in wanted:
+            entries = self.splits.get(split)
+            if not entries:
+                if split != "val" or stage == "validate":  # validation during fit is optional
+                    raise DataValidationError(
+                        f"no '{split}' images in {self.predict_source if split == 'predict' and self.predict_source else source}: "
+                        f"give rows with split '{split}' (or the folder {split}/)")
+                continue
+            if self.validate:
+                validate_entries(entries, num_classes=num_classes, min_size=self._min_size(), level=self.level,
+                                 mpp=self.mpp, channels=self.channels, require_labels=split != "predict",
+                                 what=f"'{split}' split of {source or self.predict_source}")
+            self.datasets[split] = LargeImageDataset(
+                [p for p, _ in entries], [label for _, label in entries], level=self.level, mpp=self.mpp,
+                augment=self.augment and split == "train", channels=self.channels)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if self.images_on_host and isinstance(batch, dict) and "image" in batch:
+            rest = {k: v for k, v in batch.items() if k != "image"}
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "image": batch["image"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # -------------------------------------------------------------- loaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate_images, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0 and split in ("train", "val"))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
