@@ -128,12 +128,14 @@ def min_tile_length(geometry: AxisGeometry, align: int, size_multiple: int = 1) 
     An inner tile for output ``j`` starts at ``floor(j*stride + lo, align)`` and must reach
     ``j*stride + hi``; the rounding down to ``align`` costs at most ``align - stride + (lo mod stride)``
     pixels (the largest residue of ``j*stride + lo`` modulo ``align``); rounding the length up to
-    ``size_multiple`` costs at most ``size_multiple - 1`` more.
+    ``size_multiple`` costs at most ``size_multiple - 1`` more. Outputs that read only the padding
+    beyond the image end need a tile from the last multiple of ``align`` to the end: up to ``align``
+    pixels (more than the rest only when the receptive field is smaller than the stride).
     """
     if geometry.empty:
         return size_multiple
     worst_residue = align - geometry.stride + (geometry.lo % geometry.stride)
-    return geometry.size + worst_residue + size_multiple - 1
+    return max(geometry.size + worst_residue + size_multiple - 1, align)
 
 
 @dataclass(frozen=True)
@@ -167,16 +169,19 @@ class AxisTile:
         return slice(self.out_start, self.out_stop)
 
 
-def _tile_start(out_start: int, geometry: AxisGeometry, align: int) -> int:
+def _tile_start(out_start: int, geometry: AxisGeometry, align: int, length: int) -> int:
     # Rounding down to `align` keeps every intermediate grid aligned (invariant 3); it only adds
-    # pixels, never removes any the receptive field needs.
-    return max(0, _floor_to(out_start * geometry.stride + geometry.lo, align))
+    # pixels, never removes any the receptive field needs. Outputs that read nothing but the padding
+    # beyond the far border (a 1x1 convolution with padding) still need a non-empty tile there.
+    start = max(0, _floor_to(out_start * geometry.stride + geometry.lo, align))
+    return min(start, _floor_to(length - 1, align))
 
 
-def _tile_stop(out_stop: int, geometry: AxisGeometry, length: int, size_multiple: int) -> int:
+def _tile_stop(out_stop: int, geometry: AxisGeometry, length: int, size_multiple: int, start: int) -> int:
     # Reaching `length` makes the tile share the image's real border (invariant 2). Networks that only
-    # run on sizes divisible by some number (DLA) get tiles rounded up to it.
-    stop = (out_stop - 1) * geometry.stride + geometry.hi + 1
+    # run on sizes divisible by some number (DLA) get tiles rounded up to it. A tile holds at least one
+    # pixel, even if its outputs read only the padding before the image.
+    stop = max((out_stop - 1) * geometry.stride + geometry.hi + 1, start + 1)
     return min(length, -(-stop // size_multiple) * size_multiple)
 
 
@@ -188,16 +193,16 @@ def _greedy_tiles(length: int, out_length: int, geometry: AxisGeometry, align: i
     out_start = 0
     stride = geometry.stride
     while out_start < out_length:
-        start = _tile_start(out_start, geometry, align)
+        start = _tile_start(out_start, geometry, align, length)
         if length - start <= max_tile:
             out_stop = out_length
         else:
             reach = _floor_to(start + max_tile, size_multiple)  # furthest stop a tile may round up to
             out_stop = min(out_length, (reach - geometry.hi - 1) // stride + 1)
-        if out_stop <= out_start:
+        stop = _tile_stop(out_stop, geometry, length, size_multiple, start)
+        if out_stop <= out_start or stop - start > max_tile:
             return None
-        tiles.append(AxisTile(start, _tile_stop(out_stop, geometry, length, size_multiple),
-                              out_start, out_stop, stride))
+        tiles.append(AxisTile(start, stop, out_start, out_stop, stride))
         out_start = out_stop
     return tiles
 

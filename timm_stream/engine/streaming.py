@@ -340,11 +340,13 @@ class StreamingCNN(nn.Module):
             if index == 0:
                 tile = self.tile_size
             else:
-                # Same activation memory as the first piece's largest tile: a small late map runs
-                # as one tile (no recomputation at all), a large one is tiled to stay within budget.
-                density = [work[i] / math.prod(chain[self._bounds[i][0]].input_shape[2:]) for i in (0, index)]
-                scale = math.sqrt(density[0] / density[1]) if density[1] > 0 else float(max(size_in))
+                # No more activation memory than the whole module would need on the first piece's
+                # largest tile: a small late map runs as one tile (nothing recomputed), a large one is
+                # tiled to stay within that budget.
                 largest = pieces[0].largest_tile
+                budget = sum(work) / (height * width) * largest[0] * largest[1]
+                density = work[index] / math.prod(size_in)
+                scale = math.sqrt(budget / (density * largest[0] * largest[1])) if density > 0 else float(max(size_in))
                 tile = tuple(max(int(largest[i] * scale), geometry.min_tile_size[i]) for i in range(2))
             pieces.append(make_plan(size_in, size_out, tile, geometry.axes, geometry.align,
                                     geometry.size_multiple))

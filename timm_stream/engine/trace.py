@@ -342,6 +342,8 @@ class _Tracer(TorchFunctionMode):
                                       and (kwargs.get("inplace") or (len(args) > 1 and args[-1] is True))):
                 return source
             return torch.empty_like(source)
+        if name == "conv2d":
+            _check_conv_channels(self.path[-1], args, kwargs)
         if name in self._META_INPLACE_GUARD and isinstance(args[0], Tensor) and not args[0].is_meta:
             if any(self.map_of(t) is not None for t in _tensors((args[1:], kwargs))):
                 self.refuse(name, "it writes input-dependent values into a tensor held by the module")
@@ -356,6 +358,20 @@ class _Tracer(TorchFunctionMode):
 
     _META_INPLACE_GUARD = frozenset({"copy_", "__setitem__", "add_", "mul_", "sub_", "div_",
                                      "index_copy_", "index_add_", "masked_scatter_", "scatter_"})
+
+
+def _check_conv_channels(path: str, args: tuple, kwargs: dict) -> None:
+    """Meta convolutions only say 'Invalid channel dimensions'; give torch's usual message."""
+    b = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+              (None, None, None, 1, 0, 1, 1))
+    x, weight, groups = b["input"], b["weight"], b["groups"]
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() >= 3:
+        expected = weight.shape[1] * groups
+        if x.shape[-3] != expected:
+            raise TraceError(
+                f"module '{path or '<root>'}': Given groups={groups}, weight of size {list(weight.shape)}, "
+                f"expected input{list(x.shape)} to have {expected} channels, but got {x.shape[-3]} channels "
+                "instead")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +449,14 @@ def _pad(call: _Call) -> tuple:
         if 2 * j + 1 < len(pads) and (pads[2 * j] or pads[2 * j + 1]):
             if b["mode"] == "circular":
                 raise _Refused("circular padding wraps the far border of the image around")
-            axes[axis] = axes[axis].shift(pads[2 * j])
+            g = axes[axis].shift(pads[2 * j])
+            if b["mode"] in ("reflect", "replicate") and not g.empty:
+                # Padding copies values from inside the border, up to twice (reflect) or once
+                # (replicate) the padding away: a tile at the border must hold them, computed
+                # correctly, and (reflect) be wider than the padding. Wider than needed inside.
+                r = max(pads[2 * j], pads[2 * j + 1]) * (2 if b["mode"] == "reflect" else 1) * g.stride
+                g = AxisGeometry(g.stride, g.lo - r, g.hi + r)
+            axes[axis] = g
     call.tracer.assign(call.out, _Map(m.dims, (axes[0], axes[1])))
     return (pads, b["mode"], b["value"])
 

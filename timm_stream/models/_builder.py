@@ -49,8 +49,8 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
         stream_stages: stem plus this many stages run streamed (default: ``local_stages``).
         normalize_input: accept uint8 images (0..255) and normalize each tile with the pretrained
             cfg's mean/std on the model's device.
-        train_tail_norms: let the un-tiled tail's norm layers train (default: frozen, since batches
-            of huge images are tiny).
+        train_tail_norms: let the norm layers outside the streamed part (tail and head) train
+            (default: frozen, since batches of huge images hold one or two images).
         progress: progress bar over tiles.
         **kwargs: everything the base architecture accepts (num_classes, in_chans, global_pool,
             drop_rate, drop_path_rate, pretrained_cfg, pretrained_cfg_overlay, cache_dir...).

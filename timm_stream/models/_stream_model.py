@@ -98,11 +98,11 @@ class StreamingModelMixin:
 
     def train(self, mode: bool = True):
         super().train(mode)  # type: ignore[misc]
-        for _, module in self._split.streamed(self.stream_stages):
-            freeze_norm_layers(module)
-        if not self.train_tail_norms:
-            for _, module in self._split.unstreamed(self.stream_stages):
+        if self.train_tail_norms:
+            for _, module in self._split.streamed(self.stream_stages):
                 freeze_norm_layers(module)
+        else:  # the un-tiled rest, head included: batches of huge images hold one or two images
+            freeze_norm_layers(self)  # type: ignore[arg-type]
         return self
 
 
