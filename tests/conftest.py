@@ -106,6 +106,17 @@ class Concat(nn.Module):
         return torch.cat([b(x) for b in self.branches], dim=1)
 
 
+class EvenOnly(nn.Module):
+    """Two stride-2 branches whose outputs only line up on even sizes (like DLA's merges)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(3, 4, 2, 2, 0)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
 class ForwardCounter(nn.Module):
     """Identity that counts the calls it gets with real (non-meta) data."""
 

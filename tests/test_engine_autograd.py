@@ -13,7 +13,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import EXACT, LayerNorm2d, LayerScale, Residual, assert_exact, streaming_setter, timm_trunk
+from conftest import (EXACT, EvenOnly, LayerNorm2d, LayerScale, Residual, assert_exact, streaming_setter,
+                      timm_trunk)
 from torch import nn
 
 from timm_stream.engine import StreamingCNN
@@ -398,16 +399,6 @@ def test_progress_bar(capsys):
 
 
 def test_size_multiple_network_is_exact_on_admissible_sizes():
-    class EvenOnly(nn.Module):
-        """Two stride-2 branches whose outputs only line up on even sizes (like DLA's merges)."""
-
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(3, 4, 2, 2, 0)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
     net = nn.Sequential(EvenOnly(), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1))
     s = StreamingCNN(randomize_(net, 5).double(), 14)
     assert s.geometry.size_multiple == (2, 2)

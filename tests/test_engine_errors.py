@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import ForwardCounter, assert_exact, timm_trunk
+from conftest import EvenOnly, ForwardCounter, assert_exact, timm_trunk
 from torch import nn
 
 from timm_stream.engine import NonLocalModuleError, StreamingCNN, StreamingError, TileTooSmallError
@@ -108,14 +108,6 @@ def test_refused_before_any_tile_runs():
 
 
 def test_size_multiple_network_refuses_other_sizes():
-    class EvenOnly(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(3, 4, 2, 2, 0)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
     s = StreamingCNN(EvenOnly(), 16)
     with pytest.raises(StreamingError, match=r"divisible by \(2, 2\).*41x40"):
         s(torch.zeros(1, 3, 41, 40))

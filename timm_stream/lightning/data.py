@@ -19,6 +19,7 @@ Design points (gigapixel images):
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -142,6 +143,17 @@ def _open_pil(path: str):
 _PIL_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4, "P": 3, "LA": 2, "CMYK": 3, "YCbCr": 3, "RGBX": 4}
 
 
+@contextlib.contextmanager
+def _tiff_level(path: str, level: int | None, mpp: float | None):
+    """The chosen pyramid level of an open TIFF: (level series, its index, number of levels)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        levels = _tiff_levels(tif)
+        index = _choose_level(levels, path, level, mpp)
+        yield levels[index], index, len(levels)
+
+
 def read_image_info(path: str | os.PathLike, *, level: int | None = None, mpp: float | None = None) -> ImageInfo:
     """Size, channels and dtype of ``path`` (the chosen pyramid level of a TIFF), from its header only."""
     path = os.fspath(path)
@@ -151,17 +163,14 @@ def read_image_info(path: str | os.PathLike, *, level: int | None = None, mpp: f
         if _is_tiff(path):
             import tifffile
 
-            with tifffile.TiffFile(path) as tif:
-                levels = _tiff_levels(tif)
-                index = _choose_level(levels, path, level, mpp)
-                chosen = levels[index]
+            with _tiff_level(path, level, mpp) as (chosen, index, count):
                 height, width, channels = _spatial_shape(chosen.shape, chosen.axes, path)
                 compression = chosen.keyframe.compression
                 if compression not in tifffile.TIFF.DECOMPRESSORS:
                     raise ImageReadError(
                         f"{path}: TIFF compression {compression!r} needs a codec that is not installed: "
                         "pip install imagecodecs")
-                return ImageInfo(height, width, channels, str(chosen.dtype), index, len(levels))
+                return ImageInfo(height, width, channels, str(chosen.dtype), index, count)
         if level not in (None, 0) or mpp is not None:
             raise ImageReadError(f"{path}: level/mpp apply to pyramidal TIFF files only")
         with _open_pil(path) as img:
@@ -199,11 +208,7 @@ def read_image(path: str | os.PathLike, *, level: int | None = None, mpp: float 
         raise ImageReadError(f"{path}: file not found")
     try:
         if _is_tiff(path):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                levels = _tiff_levels(tif)
-                chosen = levels[_choose_level(levels, path, level, mpp)]
+            with _tiff_level(path, level, mpp) as (chosen, _, _):
                 _spatial_shape(chosen.shape, chosen.axes, path)  # refuses stacks / volumes clearly
                 array = chosen.asarray()
                 axes = chosen.axes
