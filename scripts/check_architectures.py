@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -120,12 +121,36 @@ def check(base: str, seed: int = 0) -> dict:
     return result
 
 
+def check_safely(base: str) -> dict:
+    try:
+        return check(base)
+    except Exception as exc:  # a family we cannot split, a model that fails to build...
+        if os.environ.get("CHECK_DEBUG"):
+            traceback.print_exc()
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def check_isolated(base: str, timeout: float) -> dict:
+    """One architecture per process: a model too large for memory only fails its own check."""
+    try:
+        done = subprocess.run([sys.executable, __file__, "--one", base], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"ok": False, "error": f"check process ended with code {done.returncode} (out of memory?)"}
+    return json.loads(lines[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--discover", action="store_true", help="check every candidate, not just the registered")
     parser.add_argument("--only", help="comma-separated base architectures")
     parser.add_argument("--write", action="store_true", help="rewrite architectures.json from the results")
     parser.add_argument("--report", help="write all results as JSON here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one architecture, print JSON
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per architecture (default 1800)")
     parser.add_argument("--locality-only", action="store_true",
                         help="only find each candidate's local prefix (fast; no exactness check, no --write)")
     args = parser.parse_args()
@@ -145,14 +170,12 @@ def main() -> int:
             except Exception as exc:
                 print(f"? {base} {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
         return 0
+    if args.one:
+        print(json.dumps(check_safely(args.one), default=str))
+        return 0
     results, failures = {}, []
     for index, base in enumerate(names, 1):
-        try:
-            result = check(base)
-        except Exception as exc:  # a family we cannot split, a model that fails to build...
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-            if os.environ.get("CHECK_DEBUG"):
-                traceback.print_exc()
+        result = check_isolated(base, args.timeout)
         results[base] = result
         status = "ok  " if result["ok"] else "SKIP" if result.get("local_stages", 1) < 1 else "FAIL"
         detail = (f"stages={result['stream_stages']} tiles/axis={result['first_piece_tiles']} "
