@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import timm_stream  # noqa: E402,F401  (registers stream_<arch>)
 from timm_stream.engine import NonLocalModuleError, StreamingCNN  # noqa: E402
 from timm_stream.models import architectures, create_stream_model, split_trunk  # noqa: E402
-from timm_stream.models._families import FAMILY_STEPS, family_of  # noqa: E402
+from timm_stream.models._families import family_of  # noqa: E402
 from timm_stream.testing import compare_streaming, randomize_, relative_error  # noqa: E402
 
 TABLE = Path(__file__).resolve().parents[1] / "timm_stream" / "models" / "architectures.json"
@@ -192,7 +192,7 @@ def main() -> int:
         Path(args.report).write_text(json.dumps(results, indent=1, default=str))
     if args.write:
         table = {} if args.discover else json.loads(TABLE.read_text())["architectures"]
-        for base, r in results.items():
+        for base in results:
             table.pop(base, None)
         for base, r in passed.items():
             table[base] = {"local_stages": r["local_stages"], "family": r["family"],

@@ -11,14 +11,13 @@ import shutil
 import sys
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import timm
 import torch
 import yaml
 from huggingface_hub import HfApi, RepoUrl, constants
 
-import timm_stream
+import timm_stream  # noqa: F401 - registers stream_<arch>
 from timm_stream import load_pretrained, push_to_hub, render_model_card, save_pretrained, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]

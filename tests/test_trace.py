@@ -263,7 +263,7 @@ def test_train_mode_batchnorm_refused_by_tracer_but_frozen_by_streaming():
     bn = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), norm=nn.BatchNorm2d(4))).train()
     with pytest.raises(NonLocalModuleError, match="'norm'.*training mode"):
         trace(bn, (2, 3, 32, 32), modules=bn)
-    s = StreamingCNN(bn, 16)  # StreamingCNN puts the norms it contains in eval mode
+    StreamingCNN(bn, 16)  # StreamingCNN puts the norms it contains in eval mode
     assert not bn.norm.training and bn.conv.training
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -148,7 +148,6 @@ _SAME_SHAPE = frozenset({"batch_norm", "layer_norm", "rms_norm", "relu", "relu_"
                          "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu",
                          "leaky_relu_", "elu", "elu_", "mish", "softplus", "celu", "selu", "gelu_",
                          "mish_"})
-_METADATA_GETTERS = frozenset({"data"})  # tensor-valued properties that are the tensor itself
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
           "bfloat16": torch.bfloat16}
 _IDENTITY = frozenset({"contiguous", "clone", "detach", "detach_", "requires_grad_", "cpu", "cuda",
@@ -761,9 +760,8 @@ def _cat(call: _Call) -> tuple:
     tensors = list(call.args[0]) if call.args else list(call.kwargs["tensors"])
     dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", call.kwargs.get("axis", 0))
     ndim = tensors[0].dim()
-    maps = [call.map_of(t) for t in tensors]
     result: _Map | None = None
-    for t, m in zip(tensors, maps):
+    for m in (call.map_of(t) for t in tensors):
         if m is None:
             raise _Refused("it concatenates a feature map with a tensor that does not come from the input")
         if result is None:
