@@ -16,6 +16,7 @@ Reproduce
     python scripts/benchmark.py --json results.json  # ... and save the numbers
     python scripts/benchmark.py --plot sweep.png     # memory / time vs image size at tile 2048
     python scripts/benchmark.py --small              # smoke test, small images (seconds)
+    python scripts/benchmark.py --device cuda --configs A,B --steps 3   # on a GPU (image stays on the host)
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ C_LIMIT_BYTES = 4e9  # "4 GB": decimal, 3.73 GiB
 
 
 # ----------------------------------------------------------------------------------------- worker
-def worker(mode: str, image: int, tile: int, steps: int, threads: int) -> dict:
+def worker(mode: str, image: int, tile: int, steps: int, threads: int, device: str) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import resource
     from collections import OrderedDict
@@ -42,6 +43,7 @@ def worker(mode: str, image: int, tile: int, steps: int, threads: int) -> dict:
     import timm
     import torch
     from torch import nn
+
     from timm_stream import StreamingCNN
     from timm_stream.testing import randomize_
 
@@ -52,10 +54,14 @@ def worker(mode: str, image: int, tile: int, steps: int, threads: int) -> dict:
     trunk = randomize_(nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names)), seed=0)
     head = nn.Linear(512, 2)
     del model
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    trunk.to(device)
+    head.to(device)
     image_u8 = torch.randint(0, 256, (1, 3, image, image), dtype=torch.uint8,
                              generator=torch.Generator().manual_seed(1))
-    label = torch.tensor([1])
-    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # noqa: E731
+    label = torch.tensor([1], device=device)  # the image stays on the host: tiles travel one by one
+    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     base = maxrss()
 
     start = time.perf_counter()
@@ -63,12 +69,17 @@ def worker(mode: str, image: int, tile: int, steps: int, threads: int) -> dict:
     setup = time.perf_counter() - start
     net.streaming = mode == "streamed"
     net.train()
-    result = {"mode": mode, "image": image, "tile": tile, "threads": threads, "setup_s": setup}
+    result = {"mode": mode, "image": image, "tile": tile, "threads": threads, "setup_s": setup,
+              "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
     if net.streaming:
         plan = net.plan((image, image), image_u8.dtype)
         result.update(tiles=plan.num_tiles, overlap=plan.overlap, plan=str(plan),
                       grids="+".join(f"{p.grid[0]}x{p.grid[1]}" for p in plan.pieces))
     optimizer = torch.optim.SGD(list(trunk.parameters()) + list(head.parameters()), lr=1e-3)
+    if cuda:  # on a GPU the memory that matters is the device's: parameters + activations + gradients
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / GIB
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -76,17 +87,22 @@ def worker(mode: str, image: int, tile: int, steps: int, threads: int) -> dict:
         loss = nn.functional.cross_entropy(head(net(image_u8).mean(dim=(2, 3))), label)
         loss.backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    result.update(step_s=times[-1], step_times=times, loss=loss.item(), base_gib=base, peak_gib=maxrss())
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else maxrss()
+    result.update(step_s=times[-1], step_times=times, loss=loss.item(), base_gib=base, peak_gib=peak,
+                  host_peak_gib=maxrss())
     return result
 
 
 # ----------------------------------------------------------------------------------------- parent
-def measure(mode: str, image: int, tile: int, steps: int, threads: int) -> dict | None:
+def measure(mode: str, image: int, tile: int, steps: int, threads: int, device: str = "cpu") -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--image", str(image),
-           "--tile", str(tile), "--steps", str(steps), "--threads", str(threads)]
+           "--tile", str(tile), "--steps", str(steps), "--threads", str(threads), "--device", device]
     print(f"  running {mode:8s} image {image}  tile {tile}  steps {steps} ...", flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:  # e.g. killed for memory (-9): report and go on
         print(f"  !! {mode} worker failed with exit code {proc.returncode}", flush=True)
         return None
@@ -103,11 +119,15 @@ def run_configs(names: list[str], configs: dict, args) -> dict:
         image, tile, default_steps, untiled = configs[name]
         steps = args.steps or default_steps
         print(f"config {name}: image {image}x{image}, tile {tile}")
-        runs = {"untiled": measure("untiled", image, tile, steps, args.threads)
+        runs = {"untiled": measure("untiled", image, tile, steps, args.threads, args.device)
                 if untiled or args.untiled_all else None,
-                "streamed": measure("streamed", image, tile, steps, args.threads)}
+                "streamed": measure("streamed", image, tile, steps, args.threads, args.device)}
         results[name] = {"image": image, "tile": tile, "steps": steps, **runs}
-    print(f"\n{'cfg':3s} {'mode':8s} {'image':>6s} {'tile':>5s} {'setup s':>8s} {'step s':>8s} "
+    first = next((m for r in results.values() for m in (r["untiled"], r["streamed"]) if m), None)
+    print(f"\ndevice: {first['device'] if first else args.device}; peak = "
+          + ("GPU memory allocated by torch (max_memory_allocated), base = before the step"
+             if args.device.startswith("cuda") else "peak RSS of the process, base = RSS before setup"))
+    print(f"{'cfg':3s} {'mode':8s} {'image':>6s} {'tile':>5s} {'setup s':>8s} {'step s':>8s} "
           f"{'peak GiB':>9s} {'base GiB':>9s}  plan")
     for name, r in results.items():
         for mode in ("untiled", "streamed"):
@@ -158,7 +178,7 @@ def run_sweep(args) -> list[dict]:
     for size in sizes:
         modes = ["untiled", "streamed"] if size <= args.plot_untiled_max else ["streamed"]
         for mode in modes:
-            r = measure(mode, size, args.plot_tile, args.steps or 2, args.threads)
+            r = measure(mode, size, args.plot_tile, args.steps or 2, args.threads, args.device)
             if r:
                 runs.append(r)
     import matplotlib
@@ -170,7 +190,8 @@ def run_sweep(args) -> list[dict]:
         label = "un-tiled" if mode == "untiled" else f"streamed (tile {args.plot_tile})"
         axes[0].plot([r["image"] for r in pts], [r["peak_gib"] for r in pts], style, label=label)
         axes[1].plot([r["image"] for r in pts], [r["step_s"] for r in pts], style, label=label)
-    for ax, ylabel, title in ((axes[0], "peak RSS (GiB)", "Peak memory of one train step"),
+    memory = "peak GPU memory (GiB)" if args.device.startswith("cuda") else "peak RSS (GiB)"
+    for ax, ylabel, title in ((axes[0], memory, "Peak memory of one train step"),
                               (axes[1], "step time (s)", "Time of one train step")):
         ax.set_xlabel("image size (px, square)")
         ax.set_ylabel(ylabel)
@@ -179,7 +200,8 @@ def run_sweep(args) -> list[dict]:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"timm resnet18 trunk, fp32, batch 1, {args.threads} threads", fontsize=10)
+    where = runs[0]["device"] if runs and args.device.startswith("cuda") else f"{args.threads} CPU threads"
+    fig.suptitle(f"timm resnet18 trunk, fp32, batch 1, {where}", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     print(f"wrote {args.plot}")
@@ -194,6 +216,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="train steps per run, the last is timed (default: 2; 1 for C)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads in the workers (default: all cores)")
+    p.add_argument("--device", default="cpu", help="where the trunk runs, e.g. cuda (the image stays on the host)")
     p.add_argument("--small", action="store_true", help="smoke test: configs scaled down to <= 768 px")
     p.add_argument("--untiled-all", action="store_true", help="also run C un-tiled (needs ~45 GB)")
     p.add_argument("--json", help="save all results to this JSON file")
@@ -206,14 +229,15 @@ def main() -> None:
     p.add_argument("--tile", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.image, args.tile, args.steps or 2, args.threads)), flush=True)
+        print(json.dumps(worker(args.worker, args.image, args.tile, args.steps or 2, args.threads, args.device)),
+              flush=True)
         return
     configs = SMALL if args.small else CONFIGS
     names = [] if args.configs is None and args.plot else (args.configs or ",".join(configs)).split(",")
     unknown = [n for n in names if n not in configs]
     if unknown:
         p.error(f"unknown configs {unknown}; choose from {list(configs)}")
-    out = {"threads": args.threads, "small": args.small}
+    out = {"threads": args.threads, "small": args.small, "device": args.device}
     if names:
         out["configs"] = run_configs(names, configs, args)
     if args.plot:

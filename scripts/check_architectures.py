@@ -17,6 +17,7 @@ Architectures with at least one local stage that pass are written to
     python scripts/check_architectures.py                 # check the registered ones
     python scripts/check_architectures.py --discover --write   # check all candidates, rewrite the table
     python scripts/check_architectures.py --only resnet50,convnext_tiny
+    python scripts/check_architectures.py --discover --write --report r.json --resume   # go on after a stop
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,7 +75,7 @@ def local_prefix(model: torch.nn.Module) -> tuple[int, str]:
     return -1, reason
 
 
-def check(base: str, seed: int = 0) -> dict:
+def check(base: str, seed: int = 0, device: str = "cpu") -> dict:
     start = time.perf_counter()
     model = timm.create_model(base).eval()
     family = family_of(model)
@@ -93,9 +95,9 @@ def check(base: str, seed: int = 0) -> dict:
     tile = (max(minimum[0] * 3 // 2 + stride[0], 96), max(minimum[1] * 3 // 2 + 2 * stride[1], 112))
     streamed = create_stream_model(base, local_stages=stages, tile_size=tile)
     randomize_(streamed, seed)
-    streamed.double()
+    streamed.double().to(device)
     model.load_state_dict(streamed.state_dict())
-    model.double().eval()
+    model.double().to(device).eval()
     worst, base_error, grids, images, worst_param = 0.0, 0.0, [], [], ("", 0.0)
     for axis in range(2):
         narrow = -(-max(128, 6 * probe.geometry.stride[1 - axis]) // multiple[1 - axis]) * multiple[1 - axis]
@@ -103,6 +105,7 @@ def check(base: str, seed: int = 0) -> dict:
         long = -(-long // multiple[axis]) * multiple[axis] + (3 if multiple[axis] == 1 else 0)
         size = (long, narrow) if axis == 0 else (narrow, long)
         x = torch.randn((1, 3) + size, generator=torch.Generator().manual_seed(seed + axis), dtype=torch.float64)
+        x = x.to(device)
         plan = streamed.stream_plan(size)
         streamed.train()
         comparison = compare_streaming(streamed, x, lambda on: setattr(streamed, "streaming", on))
@@ -121,19 +124,20 @@ def check(base: str, seed: int = 0) -> dict:
     return result
 
 
-def check_safely(base: str) -> dict:
+def check_safely(base: str, device: str = "cpu") -> dict:
     try:
-        return check(base)
+        return check(base, device=device)
     except Exception as exc:  # a family we cannot split, a model that fails to build...
         if os.environ.get("CHECK_DEBUG"):
             traceback.print_exc()
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
 
-def check_isolated(base: str, timeout: float) -> dict:
+def check_isolated(base: str, timeout: float, device: str = "cpu", threads: int = 0) -> dict:
     """One architecture per process: a model too large for memory only fails its own check."""
     try:
-        done = subprocess.run([sys.executable, __file__, "--one", base], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, __file__, "--one", base, "--device", device, "--threads", str(threads)],
+                              capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
@@ -148,13 +152,18 @@ def main() -> int:
     parser.add_argument("--discover", action="store_true", help="check every candidate, not just the registered")
     parser.add_argument("--only", help="comma-separated base architectures")
     parser.add_argument("--write", action="store_true", help="rewrite architectures.json from the results")
-    parser.add_argument("--report", help="write all results as JSON here")
+    parser.add_argument("--report", help="write all results as JSON here (updated after each architecture)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the results already in --report and check only the others")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one architecture, print JSON
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per architecture (default 1800)")
     parser.add_argument("--locality-only", action="store_true",
                         help="only find each candidate's local prefix (fast; no exactness check, no --write)")
+    parser.add_argument("--device", default="cpu", help="where the float64 checks run (e.g. cuda)")
+    parser.add_argument("--jobs", type=int, default=1, help="architectures checked at the same time")
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
     registered = architectures()
     if args.only:
         names = args.only.split(",")
@@ -171,25 +180,34 @@ def main() -> int:
                 print(f"? {base} {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
         return 0
     if args.one:
-        print(json.dumps(check_safely(args.one), default=str))
+        print(json.dumps(check_safely(args.one, args.device), default=str))
         return 0
-    results, failures = {}, []
-    for index, base in enumerate(names, 1):
-        result = check_isolated(base, args.timeout)
-        results[base] = result
-        status = "ok  " if result["ok"] else "SKIP" if result.get("local_stages", 1) < 1 else "FAIL"
-        detail = (f"stages={result['stream_stages']} tiles/axis={result['first_piece_tiles']} "
-                  f"err={result['worst_error']:.1e} vs-base={result['vs_base_error']:.1e} "
-                  f"({result['seconds']}s)") if "stream_stages" in result \
-            else result.get("error", "")
-        print(f"[{index}/{len(names)}] {status} {base}: {detail}", flush=True)
-        if base in registered and not result["ok"]:
-            failures.append(base)
+    if args.resume and not args.report:
+        parser.error("--resume needs --report")
+    previous = json.loads(Path(args.report).read_text()) if args.resume and Path(args.report).exists() else {}
+    results = {base: previous[base] for base in names if base in previous}
+    todo = [base for base in names if base not in previous]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:  # each check runs in its own process
+        running = {pool.submit(check_isolated, base, args.timeout, args.device, threads): base for base in todo}
+        for future in as_completed(running):
+            base = running[future]
+            results[base] = result = future.result()
+            if args.report:  # a long run that is interrupted keeps what it found (see --resume)
+                partial = Path(args.report + ".partial")
+                partial.write_text(json.dumps({**previous, **results}, indent=1, default=str))
+                partial.replace(args.report)
+            skipped = result.get("local_stages", 1) < 1 or "is not a model family" in result.get("error", "")
+            status = "ok  " if result["ok"] else "SKIP" if skipped else "FAIL"
+            detail = (f"stages={result['stream_stages']} tiles/axis={result['first_piece_tiles']} "
+                      f"err={result['worst_error']:.1e} vs-base={result['vs_base_error']:.1e} "
+                      f"({result['seconds']}s)") if "stream_stages" in result \
+                else result.get("error", "")
+            print(f"[{len(results)}/{len(names)}] {status} {base}: {detail}", flush=True)
+    failures = [base for base in names if base in registered and not results[base]["ok"]]
     passed = {b: r for b, r in results.items() if r["ok"]}
     print(f"\n{len(passed)} of {len(results)} architectures stream exactly; "
           f"{len(failures)} registered ones failed: {failures}")
-    if args.report:
-        Path(args.report).write_text(json.dumps(results, indent=1, default=str))
     if args.write:
         table = {} if args.discover else json.loads(TABLE.read_text())["architectures"]
         for base in results:

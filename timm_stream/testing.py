@@ -80,7 +80,7 @@ def compare_streaming(model: nn.Module, x: Tensor, set_streaming: Callable[[bool
         inp = x.detach().clone().requires_grad_(input_grad and x.is_floating_point())
         out = model(inp)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        out.backward(grad.to(out.dtype))
+        out.backward(grad.to(out.device, out.dtype))
         results[streaming] = (
             out.detach().clone(),
             inp.grad.clone() if inp.grad is not None else None,
