@@ -374,3 +374,18 @@ def test_local_idioms_are_accepted_and_exact(label, make, rows):
     x = torch.randn(2, 3, 37, 45, dtype=torch.float64)
     assert s.plan((37, 45), torch.float64).num_tiles > 4
     assert_exact(s, x)
+
+
+ACTIVATIONS = [nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.1, inplace=True), nn.LeakyReLU(0.2), nn.ELU(),
+               nn.ELU(inplace=True), nn.CELU(), nn.SELU(), nn.GELU(), nn.SiLU(inplace=True), nn.Mish(),
+               nn.Hardswish(), nn.Hardsigmoid(), nn.Hardtanh(), nn.Sigmoid(), nn.Tanh(), nn.Softplus(),
+               nn.PReLU(4)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda m: repr(m))
+def test_every_elementwise_activation_is_accepted_and_exact(activation):
+    """Whatever ATen tags as pointwise in the installed torch (leaky_relu is untagged in some)."""
+    net = randomize_(nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), activation, nn.Conv2d(4, 4, 3, 1, 1)), 0).double()
+    s = StreamingCNN(net, 24)
+    assert s.plan((50, 41)).pieces[0].num_tiles > 1
+    assert_exact(s, torch.randn(2, 3, 50, 41, dtype=torch.float64))

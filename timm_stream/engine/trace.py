@@ -111,8 +111,13 @@ _RANDOM = frozenset({
 })
 
 # Position-wise ops ATen does not tag as pointwise (or whose extra tensors do not broadcast).
-_EXTRA_POINTWISE = frozenset({"hardswish", "hardswish_", "copy_", "celu", "selu", "softsign",
-                              "tanhshrink", "logsigmoid", "silu_", "mish_", "gelu_", "masked_fill",
+# The activations are listed by name too: ATen's tags differ between torch versions (torch 2.11 does
+# not tag leaky_relu pointwise, 2.14 does), and the registry must not depend on which one checked it.
+_EXTRA_POINTWISE = frozenset({"hardswish", "hardswish_", "copy_", "celu", "celu_", "selu", "selu_",
+                              "softsign", "tanhshrink", "logsigmoid", "silu", "silu_", "mish", "mish_",
+                              "gelu", "gelu_", "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_",
+                              "elu", "elu_", "hardtanh", "hardtanh_", "hardsigmoid", "hardsigmoid_",
+                              "sigmoid", "sigmoid_", "tanh", "tanh_", "softplus", "masked_fill",
                               "masked_fill_", "type_as", "nan_to_num", "clip", "clip_"})
 
 _NON_LOCAL = {
