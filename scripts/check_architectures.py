@@ -136,9 +136,8 @@ def check_safely(base: str, device: str = "cpu") -> dict:
 def check_isolated(base: str, timeout: float, device: str = "cpu", threads: int = 0) -> dict:
     """One architecture per process: a model too large for memory only fails its own check."""
     try:
-        done = subprocess.run([sys.executable, __file__, "--one", base, "--device", device, "--threads", str(threads)],
-                              capture_output=True, text=True,
-                              timeout=timeout)
+        command = [sys.executable, __file__, "--one", base, "--device", device, "--threads", str(threads)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -163,7 +162,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="architectures checked at the same time")
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)  # the cores, shared by the jobs
+    torch.set_num_threads(threads)
     registered = architectures()
     if args.only:
         names = args.only.split(",")
@@ -187,7 +187,6 @@ def main() -> int:
     previous = json.loads(Path(args.report).read_text()) if args.resume and Path(args.report).exists() else {}
     results = {base: previous[base] for base in names if base in previous}
     todo = [base for base in names if base not in previous]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:  # each check runs in its own process
         running = {pool.submit(check_isolated, base, args.timeout, args.device, threads): base for base in todo}
         for future in as_completed(running):
