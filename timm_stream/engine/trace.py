@@ -110,15 +110,15 @@ _RANDOM = frozenset({
     "cauchy_", "random_", "multinomial", "poisson", "native_dropout",
 })
 
+# Element-wise activations, by name: ATen's pointwise tags differ between torch versions (torch 2.11
+# does not tag leaky_relu, 2.14 does), and the registry must not depend on which one checked it.
+_ACTIVATIONS = frozenset({"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu",
+                          "celu_", "selu", "selu_", "gelu", "gelu_", "silu", "silu_", "mish", "mish_",
+                          "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh",
+                          "hardtanh_", "sigmoid", "sigmoid_", "tanh", "tanh_", "softplus"})
 # Position-wise ops ATen does not tag as pointwise (or whose extra tensors do not broadcast).
-# The activations are listed by name too: ATen's tags differ between torch versions (torch 2.11 does
-# not tag leaky_relu pointwise, 2.14 does), and the registry must not depend on which one checked it.
-_EXTRA_POINTWISE = frozenset({"hardswish", "hardswish_", "copy_", "celu", "celu_", "selu", "selu_",
-                              "softsign", "tanhshrink", "logsigmoid", "silu", "silu_", "mish", "mish_",
-                              "gelu", "gelu_", "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_",
-                              "elu", "elu_", "hardtanh", "hardtanh_", "hardsigmoid", "hardsigmoid_",
-                              "sigmoid", "sigmoid_", "tanh", "tanh_", "softplus", "masked_fill",
-                              "masked_fill_", "type_as", "nan_to_num", "clip", "clip_"})
+_EXTRA_POINTWISE = _ACTIVATIONS | {"copy_", "softsign", "tanhshrink", "logsigmoid", "masked_fill",
+                                   "masked_fill_", "type_as", "nan_to_num", "clip", "clip_"}
 
 _NON_LOCAL = {
     "adaptive_avg_pool1d": "adaptive pooling averages a window that depends on the input size",
@@ -148,11 +148,7 @@ _NON_LOCAL = {
 }
 
 # Ops whose output has the shape and dtype of their first argument.
-_SAME_SHAPE = frozenset({"batch_norm", "layer_norm", "rms_norm", "relu", "relu_", "relu6", "gelu",
-                         "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish",
-                         "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu",
-                         "leaky_relu_", "elu", "elu_", "mish", "softplus", "celu", "selu", "gelu_",
-                         "mish_"})
+_SAME_SHAPE = _ACTIVATIONS | {"batch_norm", "layer_norm", "rms_norm"}
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
           "bfloat16": torch.bfloat16}
 _IDENTITY = frozenset({"contiguous", "clone", "detach", "detach_", "requires_grad_", "cpu", "cuda",
