@@ -6,8 +6,10 @@
 """
 from .engine import NonLocalModuleError, StreamingCNN, StreamingError, TileTooSmallError
 from . import models  # registers stream_<arch> in timm
+from .io import LazyImage, open_image, tissue_mask
 from .hub import load_pretrained, push_to_hub, render_model_card, save_pretrained, validate_config
 
 __version__ = "0.1.0"
 __all__ = ["StreamingCNN", "StreamingError", "NonLocalModuleError", "TileTooSmallError", "models",
-           "save_pretrained", "push_to_hub", "load_pretrained", "validate_config", "render_model_card"]
+           "save_pretrained", "push_to_hub", "load_pretrained", "validate_config", "render_model_card",
+           "open_image", "tissue_mask", "LazyImage"]

@@ -19,7 +19,6 @@ Design points (gigapixel images):
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -32,14 +31,18 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from lightning.pytorch import LightningDataModule
 
+from timm_stream.io import ImageReadError, OrientedImage, check_image, is_lazy_image, open_image, tissue_mask
+from timm_stream.io.image import orient
+from timm_stream.io.open import file_kind
+from timm_stream.io.pil import decode_pil
+
 __all__ = [
     "IMAGE_SUFFIXES", "ImageInfo", "DataValidationError", "ImageReadError", "read_image_info", "read_image",
-    "LargeImageDataset", "collate_images", "LargeImageDataModule", "read_csv", "read_folder",
+    "LargeImageDataset", "collate_images", "read_mask", "read_mask_column", "LargeImageDataModule", "read_csv", "read_folder",
     "validate_entries", "SPLITS",
 ]
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-_TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".svs", ".ndpi", ".btf")
 SPLITS = ("train", "val", "test", "predict")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test", "predict": "predict", "prediction": "predict"}
@@ -50,11 +53,9 @@ class DataValidationError(ValueError):
     """The data cannot be used as given; the message lists every problem found, each with its file."""
 
 
-class ImageReadError(ValueError):
-    """An image file cannot be read (the message names the file and the reason)."""
-
-
 # ------------------------------------------------------------------------------------------ readers
+# All file reading goes through timm_stream.io (levels, mpp, lazy regions, integrity checks); this
+# section only adapts it to the dataset's numpy views and header checks.
 @dataclass(frozen=True)
 class ImageInfo:
     """What the header of an image says: size of the chosen level, channels, dtype."""
@@ -67,119 +68,38 @@ class ImageInfo:
     levels: int = 1
 
 
-def _is_tiff(path: str) -> bool:
-    return path.lower().endswith(_TIFF_SUFFIXES)
-
-
-def _tiff_levels(tif) -> list:
-    """Pyramid levels, finest first: the levels of the first series (SubIFDs, OME, SVS...), or, for
-    files that store each level as its own page, the series that are reduced copies of the first."""
-    series = tif.series[0]
-    levels = list(series.levels)
-    if len(levels) == 1 and len(tif.series) > 1:
-        first = series
-        for other in tif.series[1:]:
-            if (other.axes == first.axes and other.dtype == first.dtype and all(
-                    o <= f for o, f in zip(other.shape, first.shape)) and other.shape != first.shape):
-                levels.append(other)
-    return sorted(levels, key=lambda s: -int(np.prod(s.shape)))
-
-
-def _spatial_shape(shape: Sequence[int], axes: str, path: str) -> tuple[int, int, int]:
-    """(H, W, C) of a tifffile series shape/axes; extra axes of size 1 are dropped."""
-    dims = dict(zip(axes, shape))
-    if "Y" not in dims or "X" not in dims:
-        raise ImageReadError(f"{path}: TIFF series has axes '{axes}' without Y and X")
-    channel_axes = [a for a in axes if a in "SC"]
-    extra = [a for a in axes if a not in "YXSC" and dims[a] != 1]
-    if extra or len([a for a in channel_axes if dims[a] != 1]) > 1:
-        raise ImageReadError(f"{path}: TIFF series has axes '{axes}' with shape {tuple(shape)}; only 2-D "
-                             "images (Y, X and one channel axis) are supported")
-    channels = int(np.prod([dims[a] for a in channel_axes])) if channel_axes else 1
-    return int(dims["Y"]), int(dims["X"]), channels
-
-
-def _microns_per_pixel(page) -> float | None:
+def _is_slide(path: str) -> bool:
+    """Files read lazily when the dataset is asked to: TIFF and the slide formats (by content, not name)."""
     try:
-        unit = int(page.resolutionunit)
-        x_res = page.get_resolution()[0]
-    except Exception:  # noqa: BLE001 - any missing/odd tag means "unknown"
-        return None
-    if not x_res or unit not in (2, 3):  # 2: inch, 3: centimeter
-        return None
-    return (25400.0 if unit == 2 else 10000.0) / float(x_res)
+        return file_kind(path) not in ("png", "jpeg")
+    except OSError:
+        return False
 
 
-def _choose_level(levels: list, path: str, level: int | None, mpp: float | None) -> int:
-    if level is not None and mpp is not None:
-        raise ValueError("give either level or mpp, not both")
-    if mpp is not None:
-        base = _microns_per_pixel(levels[0].keyframe)
-        if base is None:
-            raise ImageReadError(f"{path}: mpp={mpp} was asked for but the TIFF has no usable resolution "
-                                 "tags (XResolution/ResolutionUnit); choose a pyramid level with level: instead")
-        width0 = _spatial_shape(levels[0].shape, levels[0].axes, path)[1]
-        ratios = [abs(np.log(base * width0 / _spatial_shape(s.shape, s.axes, path)[1] / mpp)) for s in levels]
-        return int(np.argmin(ratios))
-    if level is None:
-        return 0
-    if not -len(levels) <= level < len(levels):
-        raise ImageReadError(f"{path}: level {level} does not exist: the file has {len(levels)} pyramid "
-                             f"level(s) (0..{len(levels) - 1}, or negative from the smallest)")
-    return level % len(levels)
+def read_image_info(path: str | os.PathLike, *, level: int | None = None, mpp: float | None = None,
+                    check: str = "structure") -> ImageInfo:
+    """Size, channels and dtype of ``path`` (the chosen pyramid level of a slide), from its header.
 
+    Args:
+        check: ``"structure"`` (default): also the cheap integrity checks of
+            :func:`timm_stream.io.check_image` (a truncated/corrupt TIFF, PNG or JPEG is reported here,
+            not mid-epoch); ``"decode"``: decode every pixel as well (slow); ``"header"``: none.
 
-def _open_pil(path: str):
-    from PIL import Image
-
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # large images are the point: no decompression-bomb refusal
-    try:
-        return Image.open(path)
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
-_PIL_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4, "P": 3, "LA": 2, "CMYK": 3, "YCbCr": 3, "RGBX": 4}
-
-
-@contextlib.contextmanager
-def _tiff_level(path: str, level: int | None, mpp: float | None):
-    """The chosen pyramid level of an open TIFF: (level series, its index, number of levels)."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        levels = _tiff_levels(tif)
-        index = _choose_level(levels, path, level, mpp)
-        yield levels[index], index, len(levels)
-
-
-def read_image_info(path: str | os.PathLike, *, level: int | None = None, mpp: float | None = None) -> ImageInfo:
-    """Size, channels and dtype of ``path`` (the chosen pyramid level of a TIFF), from its header only."""
+    Raises:
+        ImageReadError: naming the file, the problem and the fix.
+    """
     path = os.fspath(path)
+    if check not in ("header", "structure", "decode"):
+        raise ValueError(f"check must be 'header', 'structure' or 'decode', got {check!r}")
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: file not found")
     try:
-        if _is_tiff(path):
-            import tifffile
-
-            with _tiff_level(path, level, mpp) as (chosen, index, count):
-                height, width, channels = _spatial_shape(chosen.shape, chosen.axes, path)
-                compression = chosen.keyframe.compression
-                if compression not in tifffile.TIFF.DECOMPRESSORS:
-                    raise ImageReadError(
-                        f"{path}: TIFF compression {compression!r} needs a codec that is not installed: "
-                        "pip install imagecodecs")
-                return ImageInfo(height, width, channels, str(chosen.dtype), index, count)
-        if level not in (None, 0) or mpp is not None:
-            raise ImageReadError(f"{path}: level/mpp apply to pyramidal TIFF files only")
-        with _open_pil(path) as img:
-            if img.mode not in _PIL_CHANNELS:
-                raise ImageReadError(f"{path}: image mode '{img.mode}' is not 8-bit; convert it to 8-bit "
-                                     "RGB or grayscale")
-            width, height = img.size
-            return ImageInfo(height, width, _PIL_CHANNELS[img.mode], "uint8")
-    except ImageReadError:
+        if check != "header":
+            check_image(path, decode=check == "decode")
+        image = open_image(path, level=level, mpp=mpp)
+        return ImageInfo(int(image.shape[2]), int(image.shape[3]), int(image.shape[1]), "uint8", image.level,
+                         len(image.level_shapes))
+    except (ImageReadError, ValueError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the decoder says, name the file
         raise ImageReadError(f"{path}: cannot read the image header ({type(exc).__name__}: {exc})") from exc
@@ -202,38 +122,65 @@ def _adapt_channels(hwc: np.ndarray, channels: int, path: str) -> np.ndarray:
 def read_image(path: str | os.PathLike, *, level: int | None = None, mpp: float | None = None,
                channels: int = 3) -> np.ndarray:
     """The image as a uint8 ``(H, W, channels)`` array (a view of what the decoder returned: gray is
-    broadcast to the channels without copying)."""
+    broadcast to the channels without copying). Slides are read whole at the chosen level: use
+    :func:`timm_stream.open_image` for lazy, region-wise reading."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: file not found")
     try:
-        if _is_tiff(path):
-            with _tiff_level(path, level, mpp) as (chosen, _, _):
-                _spatial_shape(chosen.shape, chosen.axes, path)  # refuses stacks / volumes clearly
-                array = chosen.asarray()
-                axes = chosen.axes
-            array = array.reshape([n for n, a in zip(array.shape, axes) if a in "YXSC" or n != 1])
-            axes = "".join(a for n, a in zip(chosen.shape, axes) if a in "YXSC" or n != 1)
-            order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "SC"]
-            array = array.transpose(order)
-            if array.ndim == 2:
-                array = array[:, :, None]
-            elif array.ndim == 4:
-                array = array.reshape(array.shape[0], array.shape[1], -1)
+        if _is_slide(path):
+            array = open_image(path, level=level, mpp=mpp).read()[0].numpy().transpose(1, 2, 0)
         else:
-            with _open_pil(path) as img:
-                if img.mode not in ("L", "RGB", "RGBA", "LA"):
-                    img = img.convert("RGB")
-                array = np.asarray(img)
-            if array.ndim == 2:
-                array = array[:, :, None]
-    except ImageReadError:
+            open_image(path, level=level, mpp=mpp)  # refuses level/mpp for single-resolution formats
+            array = decode_pil(path)
+    except (ImageReadError, ValueError):
         raise
     except Exception as exc:  # noqa: BLE001
         raise ImageReadError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from exc
-    if array.dtype != np.uint8:
-        raise ImageReadError(f"{path}: pixels are {array.dtype}, not uint8; convert the image to 8 bits")
     return _adapt_channels(array, channels, path)
+
+
+def read_mask(path: str | os.PathLike, *, max_size: int = 1024) -> torch.Tensor:
+    """A mask file (any image ``open_image`` reads; nonzero = inside) as a bool ``(1, 1, h, w)`` tensor,
+    from its lowest-resolution level, reduced to at most ``max_size`` pixels a side (a block is inside
+    if any of its pixels is)."""
+    from timm_stream.io.tissue import thumbnail
+
+    image = open_image(path)
+    if len(image.level_shapes) > 1:
+        image = image.at_level(len(image.level_shapes) - 1)
+    small = thumbnail(image, max_size=max_size)
+    return (small.amax(1, keepdim=True) > 0)
+
+
+def read_mask_column(csv_path: str | os.PathLike) -> dict[str, str]:
+    """The optional ``mask`` column of a ``path,label[,split],mask`` CSV (with a header row): image path ->
+    mask file, both resolved like :func:`read_csv` (relative to the CSV's folder); empty cells are left out.
+
+    Raises:
+        DataValidationError: a mask file that does not exist (all of them listed, with their lines).
+    """
+    csv_path = os.fspath(csv_path)
+    base = os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [row for row in csv.reader(f) if row and any(c.strip() for c in row)]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "mask" not in header or "path" not in header:
+        return {}
+    column, path_column = header.index("mask"), header.index("path")
+    found: dict[str, str] = {}
+    missing = []
+    for line, row in enumerate(rows[1:], start=2):
+        cells = [c.strip() for c in row]
+        if column >= len(cells) or not cells[column]:
+            continue
+        image, mask = (c if os.path.isabs(c) else os.path.join(base, c) for c in (cells[path_column], cells[column]))
+        if not os.path.isfile(mask):
+            missing.append(f"{csv_path}, line {line}: mask file {mask} not found")
+        found[image] = mask
+    if missing:
+        raise DataValidationError(f"{len(missing)} missing mask file(s):\n  " + "\n  ".join(missing[:_MAX_LISTED]))
+    return found
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -241,38 +188,70 @@ class LargeImageDataset(Dataset):
     """Images read from disk in ``__getitem__``; holds paths and labels only.
 
     Items are dicts: ``image`` (uint8 ``(C, H, W)`` numpy *view*, possibly flipped/rotated, possibly
-    with negative strides: :func:`collate_images` makes the tensor), ``label`` (int, -1 if unknown),
-    ``path`` (str), ``index``.
+    with negative strides: :func:`collate_images` makes the tensor; with ``lazy=True``, slide files are a
+    lazy ``(1, C, H, W)`` image instead, see :func:`timm_stream.open_image`, flips/rotations applied
+    lazily by :class:`timm_stream.io.OrientedImage`), ``label`` (int, -1 if unknown), ``path`` (str),
+    ``index``, and ``mask`` (bool ``(1, 1, h, w)`` tensor or None).
 
     Args:
         paths, labels: the images and their class indices (None or -1: unlabeled).
         level, mpp: pyramid level (negative: from the smallest) or target microns per pixel (the
-            level closest to it) of TIFF files.
+            level closest to it) of slide files.
         augment: random flips and 90-degree rotations (the 8 symmetries of the square), as views.
         channels: channels the model takes (gray is broadcast, alpha dropped).
+        lazy: slide files (TIFF, SVS, ...) as lazy images (nothing read until the model reads tiles).
+        tissue_masks: give every item the mask of :func:`timm_stream.tissue_mask`.
+        masks: mask files, one per image (None: none for that image); they take precedence over
+            ``tissue_masks``.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int | None] | None = None, *,
-                 level: int | None = None, mpp: float | None = None, augment: bool = False, channels: int = 3):
+                 level: int | None = None, mpp: float | None = None, augment: bool = False, channels: int = 3,
+                 lazy: bool = False, tissue_masks: bool = False, masks: Sequence[str | None] | None = None):
         self.paths = np.array([os.fspath(p) for p in paths], dtype=np.str_)
         labels = [-1] * len(self.paths) if labels is None else [-1 if v is None else int(v) for v in labels]
         if len(labels) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(labels)} labels")
+        if masks is not None and len(masks) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(masks)} masks")
         self.labels = np.array(labels, dtype=np.int64)
+        self.masks = None if masks is None else np.array([os.fspath(m) if m else "" for m in masks], dtype=np.str_)
         self.level, self.mpp, self.augment, self.channels = level, mpp, augment, channels
+        self.lazy, self.tissue_masks = lazy, tissue_masks
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _mask(self, index: int, image: Any) -> torch.Tensor | None:
+        """The item's mask, before augmentation (the caller orients it with the image)."""
+        if self.masks is not None and self.masks[index]:
+            return read_mask(str(self.masks[index]))
+        if self.tissue_masks:
+            return tissue_mask(image)
+        return None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = str(self.paths[index])
+        choice = int(torch.randint(8, ()).item()) if self.augment else 0  # torch's RNG: seeded per worker
+        if self.lazy and _is_slide(path):
+            image = open_image(path, level=self.level, mpp=self.mpp, channels=self.channels)
+            mask = self._mask(index, image)
+            if choice:
+                view = OrientedImage(image, choice % 4, choice >= 4)
+                image, mask = view, (None if mask is None else view.orient(mask))
+            return {"image": image, "label": int(self.labels[index]), "path": path, "index": index, "mask": mask}
         hwc = read_image(path, level=self.level, mpp=self.mpp, channels=self.channels)
-        if self.augment:
-            choice = int(torch.randint(8, ()).item())  # torch's RNG: seeded per worker by the DataLoader
+        mask = None
+        if self.tissue_masks or (self.masks is not None and self.masks[index]):
+            mask = self._mask(index, torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)[None])
+        if choice:
             hwc = np.rot90(hwc, choice % 4, axes=(0, 1))
             if choice >= 4:
                 hwc = hwc[:, ::-1]
-        return {"image": hwc.transpose(2, 0, 1), "label": int(self.labels[index]), "path": path, "index": index}
+            if mask is not None:  # the same symmetry (rot90, then mirror) as the image
+                mask = orient(mask, choice % 4, choice >= 4)
+        return {"image": hwc.transpose(2, 0, 1), "label": int(self.labels[index]), "path": path, "index": index,
+                "mask": mask}
 
 
 def _new_uint8(shape: tuple[int, ...]) -> torch.Tensor:
@@ -298,18 +277,38 @@ def _to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
 
 def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch items of :class:`LargeImageDataset`: ``image`` is a ``(N, C, H, W)`` uint8 tensor when all
-    images have one size, else a list of ``(1, C, H, W)`` tensors; ``label`` a long tensor (-1:
-    unknown); ``path`` a list of str; ``index`` a long tensor."""
-    arrays = [item["image"] for item in items]
-    if all(a.shape == arrays[0].shape for a in arrays):
-        images: torch.Tensor | list[torch.Tensor] = _to_tensor(arrays)
+    images have one size, else a list of ``(1, C, H, W)`` tensors; a lazy image (batch size 1), or a list
+    of them, for lazily read slides; ``label`` a long tensor (-1: unknown); ``path`` a list of str;
+    ``index`` a long tensor; ``mask`` a bool ``(N, 1, h, w)`` tensor (a list if sizes differ, or for
+    lazy images), or None when no item has one."""
+    images: Any
+    lazy_item = lambda image: not isinstance(image, np.ndarray) and is_lazy_image(image)  # noqa: E731
+    if any(lazy_item(item["image"]) for item in items):
+        lazy = [item["image"] if lazy_item(item["image"]) else torch.from_numpy(
+            np.ascontiguousarray(item["image"]))[None] for item in items]
+        images = lazy[0] if len(lazy) == 1 else lazy
     else:
-        images = [_to_tensor([a]) for a in arrays]
+        arrays = [item["image"] for item in items]
+        if all(a.shape == arrays[0].shape for a in arrays):
+            images = _to_tensor(arrays)
+        else:
+            images = [_to_tensor([a]) for a in arrays]
+    masks = [item.get("mask") for item in items]
+    if all(m is None for m in masks):
+        mask = None
+    elif any(m is None for m in masks):
+        raise ValueError("some items of the batch have a mask and others not: give a mask for every image "
+                         "(or none)")
+    elif not isinstance(images, list) and all(m.shape == masks[0].shape for m in masks):
+        mask = torch.cat(masks)
+    else:
+        mask = masks
     return {
         "image": images,
         "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
         "path": [item["path"] for item in items],
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "mask": mask,
     }
 
 
@@ -422,7 +421,8 @@ def resolve_labels(splits: dict[str, Entries], label_names: Sequence[str] | None
 
 def validate_entries(entries: Sequence[tuple[str, int | None]], *, num_classes: int | None,
                      min_size: tuple[int, int] = (1, 1), level: int | None = None, mpp: float | None = None,
-                     channels: int = 3, require_labels: bool = True, what: str = "data") -> list[ImageInfo]:
+                     channels: int = 3, require_labels: bool = True, what: str = "data",
+                     check: str = "structure") -> list[ImageInfo]:
     """Check every image from its header (exists, readable, 8-bit, large enough, channels usable) and
     every label (present, in ``0..num_classes-1``). Raises one :class:`DataValidationError` listing all
     problems, each naming its file; returns the headers."""
@@ -435,7 +435,7 @@ def validate_entries(entries: Sequence[tuple[str, int | None]], *, num_classes: 
             problems.append(f"{path}: label {label} is outside the class range 0..{num_classes - 1} "
                             f"(num_classes={num_classes})")
         try:
-            info = read_image_info(path, level=level, mpp=mpp)
+            info = read_image_info(path, level=level, mpp=mpp, check=check)
         except (ImageReadError, ValueError) as exc:
             problems.append(str(exc))
             continue
@@ -485,13 +485,22 @@ class LargeImageDataModule(LightningDataModule):
         channels: input channels of the model.
         images_on_host: leave images in host memory (labels still go to the device): the engine moves
             one tile at a time to the device. For images too large for device memory even as uint8.
+        lazy: yield slide files (TIFF, SVS, NDPI, ...) as lazy images (:func:`timm_stream.open_image`;
+            regions are read as the model's tiles need them; flips/rotations are lazy views). The model
+            must accept lazy images (the whole-slide engine); implies ``images_on_host``.
+        tissue_masks: give each batch the ``mask`` of :func:`timm_stream.tissue_mask` (from each slide's
+            lowest-resolution level). A ``mask`` column in the CSV (mask files: nonzero = inside) takes
+            precedence for the rows that fill it.
+        check: integrity check of every file before training: ``"structure"`` (cheap: TIFF tiles inside
+            the file, PNG chunks, JPEG end marker), ``"decode"`` (decode every pixel: slow), ``"header"``.
     """
 
     def __init__(self, csv: str | None = None, root: str | None = None, predict: str | None = None,
                  label_names: list[str] | None = None, num_classes: int | None = None,
                  level: int | None = None, mpp: float | None = None, batch_size: int = 1, num_workers: int = 2,
                  pin_memory: bool = False, augment: bool = True, validate: bool = True, channels: int = 3,
-                 images_on_host: bool = False):
+                 images_on_host: bool = False, lazy: bool = False, tissue_masks: bool = False,
+                 check: str = "structure"):
         super().__init__()
         if csv is not None and root is not None:
             raise ValueError("give either csv or root, not both")
@@ -505,7 +514,8 @@ class LargeImageDataModule(LightningDataModule):
         self.level, self.mpp, self.channels = level, mpp, channels
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.augment, self.validate = augment, validate
-        self.images_on_host = images_on_host
+        self.images_on_host = images_on_host or lazy
+        self.lazy, self.tissue_masks, self.check = lazy, tissue_masks, check
         self.splits: dict[str, list[tuple[str, int | None]]] = {}
         self.datasets: dict[str, LargeImageDataset] = {}
 
@@ -567,10 +577,13 @@ class LargeImageDataModule(LightningDataModule):
             if self.validate:
                 validate_entries(entries, num_classes=num_classes, min_size=self._min_size(), level=self.level,
                                  mpp=self.mpp, channels=self.channels, require_labels=split != "predict",
-                                 what=f"'{split}' split of {source or self.predict_source}")
+                                 what=f"'{split}' split of {source or self.predict_source}", check=self.check)
+            mask_files = read_mask_column(self.csv) if self.csv is not None else {}
             self.datasets[split] = LargeImageDataset(
                 [p for p, _ in entries], [label for _, label in entries], level=self.level, mpp=self.mpp,
-                augment=self.augment and split == "train", channels=self.channels)
+                augment=self.augment and split == "train", channels=self.channels, lazy=self.lazy,
+                tissue_masks=self.tissue_masks,
+                masks=[mask_files.get(p) for p, _ in entries] if mask_files else None)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if self.images_on_host and isinstance(batch, dict) and "image" in batch:
