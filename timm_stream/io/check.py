@@ -28,9 +28,9 @@ _CANNOT = "cannot read the image:"
 
 
 def _check_tiff(path: str, size: int, decode: bool) -> None:
-    import tifffile
+    from .tiff import open_tiff
 
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
         pages = []
         for series in tif.series:
             for level in series.levels:

@@ -83,12 +83,11 @@ class PILImage(LazyImage):
     def read_region(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         with self._lock:
             if self._array is None:
-                try:
-                    self._array = decode_pil(self.path)
+                try:  # kept as a (1, c, H, W) tensor; reads clone their region (the caller may write)
+                    self._array = torch.from_numpy(decode_pil(self.path).copy()).permute(2, 0, 1)[None].contiguous()
                 except ImageReadError:
                     raise
                 except Exception as exc:  # noqa: BLE001
                     raise ImageReadError(f"{self.path}: cannot read the image ({type(exc).__name__}: {exc}); "
                                          "the file is corrupt or truncated: download or convert it again") from exc
-        region = torch.from_numpy(np.ascontiguousarray(self._array[r0:r1, c0:c1])).permute(2, 0, 1).unsqueeze(0)
-        return adapt_channels(region.contiguous(), self.channels, self.path)
+        return adapt_channels(self._array[:, :, r0:r1, c0:c1].clone(), self.channels, self.path)

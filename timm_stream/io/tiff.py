@@ -14,11 +14,13 @@ neighbouring engine tiles overlap by their halo.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,9 +30,51 @@ from .errors import ImageReadError
 from .image import LazyImage, adapt_channels, channels_supported
 from .levels import choose_level, level_mpp
 
-__all__ = ["TiffImage", "pyramid_levels", "tiff_mpp", "TIFF_SUFFIXES"]
+__all__ = ["TiffImage", "pyramid_levels", "tiff_mpp", "open_tiff", "TIFF_SUFFIXES"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2", ".scn", ".bif", ".qptiff")
+
+
+class _Collect(logging.Handler):
+    """tifffile's warnings of this thread (a broken IFD chain is logged, not raised: the pages after it
+    silently vanish, and with them pyramid levels)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread, self.messages = threading.get_ident(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def open_tiff(path: str) -> Iterator[Any]:
+    """``tifffile.TiffFile(path)``, fully parsed (every page and series); tifffile's warnings about the
+    file's structure (an IFD offset beyond the end: a truncated download) become an
+    :class:`ImageReadError` naming the file and the fix."""
+    import tifffile
+
+    collect = _Collect()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(collect)
+    try:
+        tif = tifffile.TiffFile(path)
+        try:
+            tif.series  # noqa: B018 - parses every page (and SubIFD) now, under the handler
+        except BaseException:
+            tif.close()
+            raise
+    finally:
+        logger.removeHandler(collect)
+    try:
+        broken = [m for m in collect.messages if "invalid" in m.lower() or "offset" in m.lower()]
+        if broken:
+            raise ImageReadError(f"{path}: cannot read the image: the TIFF structure is broken ({broken[0]}); the "
+                                 "file is truncated or corrupt: download or convert it again")
+        yield tif
+    finally:
+        tif.close()
 
 
 def _spatial(series, path: str) -> tuple[int, int, int]:
@@ -59,7 +103,8 @@ def pyramid_levels(tif, path: str) -> list:
     rounding). Raises :class:`ImageReadError` for a file without images or with stacks/volumes.
     """
     if not tif.series:
-        raise ImageReadError(f"{path}: the TIFF file has no image")
+        raise ImageReadError(f"{path}: the TIFF file has no image (truncated or corrupt?): download or convert it "
+                             "again")
     levels = list(tif.series[0].levels)
     h0, w0, _ = _spatial(levels[0], path)
     kept = [levels[0]]
@@ -125,7 +170,7 @@ class TiffImage(LazyImage):
 
         self.path = os.fspath(path)
         try:
-            with tifffile.TiffFile(self.path) as tif:
+            with open_tiff(self.path) as tif:
                 levels = pyramid_levels(tif, self.path)
                 self.level_shapes = [_spatial(s, self.path)[:2] for s in levels]
                 self.mpp0 = tiff_mpp(tif)
