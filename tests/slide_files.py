@@ -18,9 +18,10 @@ def slide_pixels(height: int = H, width: int = W, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
     img = np.stack([xx * 255 // width, yy * 255 // height, (xx + 2 * yy) % 256], -1).astype(np.uint8)
+    bh, bw = min(150, height // 3), min(180, width // 3)
     for _ in range(6):
-        r, c = rng.integers(0, height - 200), rng.integers(0, width - 200)
-        img[r:r + 150, c:c + 180] = rng.integers(0, 256, (150, 180, 3), dtype=np.uint8)
+        r, c = rng.integers(0, height - bh), rng.integers(0, width - bw)
+        img[r:r + bh, c:c + bw] = rng.integers(0, 256, (bh, bw, 3), dtype=np.uint8)
     return img
 
 
