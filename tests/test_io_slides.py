@@ -157,3 +157,26 @@ def test_svs_mpp_comes_from_the_image_description(slides):
     assert open_image(slides["svs"], mpp=2.0).level == 1  # 0.499 * 4
     with pytest.raises(ImageReadError, match=r"slide\.svs.*finer than the file's full resolution.*mpp >= 0\.499"):
         open_image(slides["svs"], mpp=0.25)
+
+
+def test_jpeg2000_svs_matches_openslide(tmp_path):
+    """Aperio's JPEG 2000 compression (33005, RGB) read by both; lossless, so equal to the written pixels."""
+    import tifffile
+
+    from slide_files import APERIO, slide_pixels
+
+    img = slide_pixels(600, 800)
+    path = tmp_path / "jp2k.svs"
+    desc = f"{APERIO}800x600 [0,0 800x600] (256x256) J2K/KDU Q=70|AppMag = 20|MPP = {SVS_MPP}"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(img, tile=(256, 256), photometric="rgb", compression=33005, compressionargs={"level": 0},
+                  description=desc, metadata=None)
+        tif.write(np.ascontiguousarray(img[::8, ::8]), photometric="rgb", description=f"{APERIO}thumbnail",
+                  metadata=None)
+    slide = openslide.OpenSlide(str(path))
+    assert slide.properties["openslide.vendor"] == "aperio" and slide.level_count == 1
+    ours = open_image(path)
+    assert ours.level_shapes == [(600, 800)] and ours.mpp0 == pytest.approx(SVS_MPP)
+    expected = _openslide_region(slide, 0, 120, 200, 300, 450)
+    assert torch.equal(ours[:, :, 120:420, 200:650], expected)
+    assert torch.equal(expected[0].permute(1, 2, 0), torch.from_numpy(img[120:420, 200:650]))
