@@ -3,7 +3,9 @@ read (MIRAX .mrxs, Hamamatsu .vms/.vmu, Leica .scn, Ventana .bif, Sakura .svslid
 same lazy region protocol and level/mpp semantics as :class:`~timm_stream.io.tiff.TiffImage`.
 
 OpenSlide addresses regions in level-0 coordinates; a read of level ``k`` pixels ``(r, c)`` asks for the
-level-0 point ``(round(c * downsample_k), round(r * downsample_k))``. OpenSlide returns premultiplied
+level-0 point ``(round(c * downsample_k), round(r * downsample_k))``. Where a level's downsample is not an
+integer (e.g. 1500 px over 187 px: 8.02), that point is a fraction of a level pixel off and OpenSlide
+interpolates between pixels; the tifffile backend returns the level's stored pixels. OpenSlide returns premultiplied
 RGBA made opaque; fully transparent pixels (outside the scanned area) come back as 0 (black), like
 ``openslide``'s own ``read_region`` before compositing.
 """

@@ -35,6 +35,11 @@ __all__ = ["TiffImage", "pyramid_levels", "tiff_mpp", "open_tiff", "TIFF_SUFFIXE
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2", ".scn", ".bif", ".qptiff")
 
 
+# tifffile's log messages that mean pages (levels) were lost: a broken IFD chain or an unreadable SubIFD
+_BROKEN = ("invalid offset to first page", "invalid page offset", "invalid offset to page", "corrupted tag list",
+           "circular reference", "series raised")
+
+
 class _Collect(logging.Handler):
     """tifffile's warnings of this thread (a broken IFD chain is logged, not raised: the pages after it
     silently vanish, and with them pyramid levels)."""
@@ -68,7 +73,7 @@ def open_tiff(path: str) -> Iterator[Any]:
     finally:
         logger.removeHandler(collect)
     try:
-        broken = [m for m in collect.messages if "invalid" in m.lower() or "offset" in m.lower()]
+        broken = [m for m in collect.messages if any(p in m for p in _BROKEN)]
         if broken:
             raise ImageReadError(f"{path}: cannot read the image: the TIFF structure is broken ({broken[0]}); the "
                                  "file is truncated or corrupt: download or convert it again")
