@@ -35,21 +35,22 @@ __all__ = ["TiffImage", "pyramid_levels", "tiff_mpp", "open_tiff", "TIFF_SUFFIXE
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2", ".scn", ".bif", ".qptiff")
 
 
-# tifffile's log messages that mean pages (levels) were lost: a broken IFD chain or an unreadable SubIFD
-_BROKEN = ("invalid offset to first page", "invalid page offset", "invalid offset to page", "corrupted tag list",
-           "circular reference", "series raised")
+# tifffile logs a broken structure as an error (an IFD chain or tag beyond the end of the file: pages and
+# with them pyramid levels are lost, or tags such as JPEGTables) and an unreadable SubIFD as a warning.
+_BROKEN = ("series raised",)
 
 
 class _Collect(logging.Handler):
-    """tifffile's warnings of this thread (a broken IFD chain is logged, not raised: the pages after it
-    silently vanish, and with them pyramid levels)."""
+    """tifffile's errors (and SubIFD warnings) logged in this thread: a broken IFD chain is logged, not
+    raised, and the pages after it silently vanish, with them pyramid levels."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
         self.thread, self.messages = threading.get_ident(), []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
+        if record.thread == self.thread and (record.levelno >= logging.ERROR
+                                             or any(p in record.getMessage() for p in _BROKEN)):
             self.messages.append(record.getMessage())
 
 
@@ -73,7 +74,7 @@ def open_tiff(path: str) -> Iterator[Any]:
     finally:
         logger.removeHandler(collect)
     try:
-        broken = [m for m in collect.messages if any(p in m for p in _BROKEN)]
+        broken = collect.messages
         if broken:
             raise ImageReadError(f"{path}: cannot read the image: the TIFF structure is broken ({broken[0]}); the "
                                  "file is truncated or corrupt: download or convert it again")
