@@ -212,6 +212,8 @@ def test_datamodule_mask_column_and_tissue_masks(tmp_path):
     assert torch.equal(batches["a.tif"]["mask"], torch.from_numpy(truth[::2, ::2])[None, None])  # from the file
     assert torch.equal(batches["b.tif"]["mask"], tissue_mask(open_image(tmp_path / "b.tif")))  # computed
     assert isinstance(batches["a.tif"]["image"], TiffImage)
+    with pytest.raises(ValueError, match="lazy slides are read one per batch: set batch_size: 1"):
+        LargeImageDataModule(csv=str(tmp_path / "data.csv"), lazy=True, batch_size=4)
     with open(tmp_path / "bad.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "mask"), ("a.tif", 0, "missing_mask.tif")])
     with pytest.raises(ValueError, match=r"bad\.csv, line 2: mask file .*missing_mask\.tif not found"):

@@ -508,6 +508,9 @@ class LargeImageDataModule(LightningDataModule):
             raise ValueError("give either level or mpp, not both")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if lazy and batch_size != 1:
+            raise ValueError(f"lazy slides are read one per batch: set batch_size: 1 (got {batch_size}) and use "
+                             "Trainer(accumulate_grad_batches=...) for larger effective batches")
         self.csv, self.root, self.predict_source = csv, root, predict
         self.label_names = list(label_names) if label_names is not None else None
         self.num_classes = num_classes
