@@ -131,6 +131,9 @@ def test_other_refusals(tmp_path):
     with pytest.raises(ImageReadError, match=r"p\.png: level/mpp apply to pyramidal slide files only"):
         open_image(png, level=2)
     assert torch.equal(open_image(png)[:, :, 5:9, 7:20][0].permute(1, 2, 0), torch.from_numpy(IMG[5:9, 7:20]))
+    Image.fromarray(IMG).save(tmp_path / "p.bmp")  # other single-resolution formats Pillow reads
+    assert torch.equal(open_image(tmp_path / "p.bmp").read()[0].permute(1, 2, 0), torch.from_numpy(IMG))
+    np.testing.assert_array_equal(read_image(tmp_path / "p.bmp"), IMG)
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.zeros((3, 64, 64), np.uint8), photometric="minisblack", metadata={"axes": "ZYX"})
     with pytest.raises(ImageReadError, match=r"stack\.tif: .*only 2-D images"):

@@ -9,7 +9,7 @@ from .openslide_backend import OPENSLIDE_HINT, OpenSlideImage, openslide_availab
 from .pil import PILImage
 from .tiff import TiffImage
 
-__all__ = ["open_image", "file_kind", "BACKENDS"]
+__all__ = ["open_image", "file_kind", "is_slide_file", "BACKENDS"]
 
 BACKENDS = ("auto", "tifffile", "openslide", "tiffslide", "pil")
 _MAGIC = {b"II*\x00": "tiff", b"MM\x00*": "tiff", b"II+\x00": "tiff", b"MM\x00+": "tiff",
@@ -24,6 +24,32 @@ def file_kind(path: str) -> str | None:
         if head.startswith(magic):
             return kind
     return None
+
+
+def _openslide_reads(path: str) -> bool:
+    if not openslide_available():
+        return False
+    import openslide
+
+    return bool(openslide.OpenSlide.detect_format(path))
+
+
+def _pil_reads(path: str) -> bool:
+    """Pillow identifies the format (BMP, GIF, WebP, ...) from the header."""
+    try:
+        from .pil import open_pil
+
+        with open_pil(path):
+            return True
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError and friends: not an image Pillow reads
+        return False
+
+
+def is_slide_file(path: str) -> bool:
+    """Whether ``path`` is read region by region (a TIFF, or a format OpenSlide reads), as opposed to the
+    single-resolution formats Pillow decodes whole (PNG, JPEG, BMP, ...)."""
+    kind = file_kind(path)
+    return kind == "tiff" or (kind is None and _openslide_reads(path))
 
 
 def open_image(path: str | os.PathLike, level: int | None = None, mpp: float | None = None,
@@ -70,11 +96,11 @@ def open_image(path: str | os.PathLike, level: int | None = None, mpp: float | N
             raise ImageReadError(f"{path}: level/mpp apply to pyramidal slide files only; this image has one "
                                  "resolution: drop level/mpp or convert it to a pyramidal TIFF")
         return PILImage(path, channels=channels)
+    if _openslide_reads(path):
+        return OpenSlideImage(path, level, mpp, channels=channels)
+    if backend == "auto" and _pil_reads(path):
+        return open_image(path, level, mpp, backend="pil", channels=channels)
     if openslide_available():
-        import openslide
-
-        if openslide.OpenSlide.detect_format(path):
-            return OpenSlideImage(path, level, mpp, channels=channels)
         raise ImageReadError(f"{path}: unsupported image format (neither TIFF, PNG, JPEG nor a format OpenSlide "
                              "reads); convert it to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)")
     raise ImageReadError(f"{path}: unsupported image format for the installed readers (TIFF, PNG, JPEG); slide "

@@ -33,7 +33,7 @@ from lightning.pytorch import LightningDataModule
 
 from timm_stream.io import ImageReadError, OrientedImage, check_image, is_lazy_image, open_image, tissue_mask
 from timm_stream.io.image import orient
-from timm_stream.io.open import file_kind
+from timm_stream.io.open import is_slide_file
 from timm_stream.io.pil import decode_pil
 
 __all__ = [
@@ -71,7 +71,7 @@ class ImageInfo:
 def _is_slide(path: str) -> bool:
     """Files read lazily when the dataset is asked to: TIFF and the slide formats (by content, not name)."""
     try:
-        return file_kind(path) not in ("png", "jpeg")
+        return is_slide_file(path)
     except OSError:
         return False
 
