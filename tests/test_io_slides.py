@@ -180,3 +180,23 @@ def test_jpeg2000_svs_matches_openslide(tmp_path):
     expected = _openslide_region(slide, 0, 120, 200, 300, 450)
     assert torch.equal(ours[:, :, 120:420, 200:650], expected)
     assert torch.equal(expected[0].permute(1, 2, 0), torch.from_numpy(img[120:420, 200:650]))
+
+
+def test_openslide_transparent_pixels_become_the_background(slides):
+    """Outside the scanned area OpenSlide returns transparent pixels (MIRAX, ...): they read as the slide's
+    background colour (white by default), not black; opaque pixels are unchanged."""
+    from PIL import Image
+
+    image = open_image(slides["svs"], backend="openslide")
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[:, :3] = (10, 200, 30, 255)  # opaque tissue on the left, transparent on the right
+    rgba[0, 3] = (100, 100, 100, 128)  # half transparent
+
+    class Fake:
+        def read_region(self, location, level, size):
+            return Image.fromarray(rgba, "RGBA")
+
+    image._slide, image._pid = Fake(), __import__("os").getpid()
+    out = image[:, :, 0:4, 0:6][0].permute(1, 2, 0).numpy()
+    assert (out[:, :3] == (10, 200, 30)).all() and (out[1:, 3:] == 255).all()
+    assert (out[0, 3] == round(100 * 128 / 255 + 255 * 127 / 255)).all()

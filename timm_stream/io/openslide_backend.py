@@ -5,9 +5,9 @@ same lazy region protocol and level/mpp semantics as :class:`~timm_stream.io.tif
 OpenSlide addresses regions in level-0 coordinates; a read of level ``k`` pixels ``(r, c)`` asks for the
 level-0 point ``(round(c * downsample_k), round(r * downsample_k))``. Where a level's downsample is not an
 integer (e.g. 1500 px over 187 px: 8.02), that point is a fraction of a level pixel off and OpenSlide
-interpolates between pixels; the tifffile backend returns the level's stored pixels. OpenSlide returns premultiplied
-RGBA made opaque; fully transparent pixels (outside the scanned area) come back as 0 (black), like
-``openslide``'s own ``read_region`` before compositing.
+interpolates between pixels; the tifffile backend returns the level's stored pixels. Pixels OpenSlide
+returns (partly) transparent, outside the scanned area of e.g. MIRAX slides, are composited onto the
+slide's background colour (``openslide.background-color``, default white), as OpenSlide recommends.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .errors import ImageReadError
 from .image import LazyImage, adapt_channels, channels_supported
 from .levels import choose_level, level_mpp
 
-__all__ = ["OpenSlideImage", "openslide_available", "OPENSLIDE_HINT"]
+__all__ = ["OpenSlideImage", "openslide_available", "composite", "OPENSLIDE_HINT"]
 
 OPENSLIDE_HINT = "pip install openslide-python openslide-bin"
 
@@ -53,6 +53,17 @@ def _slide_class(backend: str, path: str):
                              f"({type(exc).__name__}: {exc}): {hint}") from exc
 
 
+def composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """uint8 ``(h, w, 4)`` RGBA (not premultiplied, as openslide-python returns it) over an opaque
+    ``background`` -> uint8 ``(h, w, 3)``; opaque pixels are returned unchanged."""
+    alpha = rgba[:, :, 3:]
+    if (alpha == 255).all():
+        return np.ascontiguousarray(rgba[:, :, :3])
+    a = alpha.astype(np.float32) / 255
+    out = rgba[:, :, :3] * a + np.asarray(background, np.float32) * (1 - a)
+    return np.rint(out).astype(np.uint8)
+
+
 class OpenSlideImage(LazyImage):
     """One level of a slide read through OpenSlide (or tiffslide, ``backend="tiffslide"``), as a lazy
     ``(1, 3, H, W)`` uint8 image (RGB).
@@ -76,6 +87,8 @@ class OpenSlideImage(LazyImage):
             self.level_shapes = [(h, w) for w, h in slide.level_dimensions]
             value = slide.properties.get(_BACKENDS[backend][2])
             self.mpp0 = float(value) if value else None
+            colour = slide.properties.get("openslide.background-color") or "FFFFFF"
+            self.background = tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
             self.downsamples = list(slide.level_downsamples)
         finally:
             slide.close()
@@ -109,7 +122,8 @@ class OpenSlideImage(LazyImage):
         if r1 <= r0 or c1 <= c0:
             return torch.zeros((1, self.shape[1], r1 - r0, c1 - c0), dtype=torch.uint8)
         rgba = np.asarray(slide.read_region((round(c0 * down), round(r0 * down)), self.level, (c1 - c0, r1 - r0)))
-        rgb = torch.from_numpy(np.ascontiguousarray(rgba[:, :, :3])).permute(2, 0, 1).unsqueeze(0).contiguous()
+        rgb = composite(rgba, self.background)
+        rgb = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous()
         return adapt_channels(rgb, self.channels, self.path)
 
     def at_level(self, level: int) -> "OpenSlideImage":
