@@ -13,8 +13,12 @@ Design points (gigapixel images):
   a list of ``(1, C, H, W)`` tensors that :class:`~timm_stream.lightning.StreamingClassifier` runs one
   by one. The default batch size is 1 (use ``Trainer(accumulate_grad_batches=...)`` for larger
   effective batches).
+* Slides (TIFF, SVS, NDPI, OME-TIFF; OpenSlide formats when installed) are read through
+  :mod:`timm_stream.io`; with ``lazy=True`` they reach the model as lazy images (regions read per tile,
+  flips/rotations as views, batch size 1), optionally with tissue masks or mask files.
 * Every image of the stages being set up is checked before training starts, reading only headers:
-  missing or unreadable files, labels outside the class range, images smaller than the network's
+  missing or unreadable files (truncated or corrupt included: cheap structural checks, or a full
+  decode with ``check="decode"``), labels outside the class range, images smaller than the network's
   stride. All problems are reported at once, each naming its file.
 """
 from __future__ import annotations
@@ -467,7 +471,8 @@ class LargeImageDataModule(LightningDataModule):
 
     Args:
         csv: CSV of ``path,label[,split]`` (header optional; labels are class indices or class names;
-            split: train / val / test / predict, default train; relative paths are relative to the CSV).
+            split: train / val / test / predict, default train; relative paths are relative to the CSV;
+            with a header, an optional ``mask`` column names a mask file per image, see ``tissue_masks``).
         root: instead of ``csv``: ``root/<split>/<class name>/<image>`` (and unlabeled images under
             ``root/predict/``).
         predict: what ``predict`` runs on: a CSV, a folder (of images, or a layout) or one image.
