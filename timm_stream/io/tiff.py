@@ -91,7 +91,8 @@ def _spatial(series, path: str) -> tuple[int, int, int]:
     extra = [a for a in series.axes if a not in "YXS" and dims[a] != 1]
     if extra:
         raise ImageReadError(f"{path}: TIFF series has axes '{series.axes}' with shape {tuple(series.shape)}; only "
-                             "2-D images (Y, X, samples) are supported: save one plane per file")
+                             "2-D images with interleaved samples (Y, X, S: gray or RGB) are read; save one plane per "
+                             "file, RGB interleaved (e.g. vips tiffsave in.tif out.tif --tile --pyramid)")
     return int(dims["Y"]), int(dims["X"]), int(dims.get("S", 1))
 
 
