@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -270,7 +271,7 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
     labels = ""
     if label_names:
         names = list(label_names.values()) if isinstance(label_names, Mapping) else label_names
-        labels = ": " + ", ".join(f"`{n}`" for n in names[:20]) + (", …" if len(names) > 20 else "")
+        labels = ": " + ", ".join(_md_text(n) for n in names[:20]) + (", …" if len(names) > 20 else "")
     if isinstance(model.streamer.preprocess, InputNormalizer):
         input_text = "uint8 RGB images (0..255); each tile is normalized inside the model"
         example = "torch.randint(0, 256, (1, 3, 8192, 8192), dtype=torch.uint8)  # a whole multi-megapixel image"
@@ -280,7 +281,7 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
 
     fields = dict(
         front_matter=front,
-        title=card.get("title") or (repo_id.split("/")[-1] if repo_id else arch),
+        title=_md_text(card.get("title") or (repo_id.split("/")[-1] if repo_id else arch)),
         description=f"{card['description'].strip()}\n\n" if card.get("description") else "",
         architecture=arch,
         base=base,
@@ -321,6 +322,11 @@ def _check_card(card: Mapping[str, Any] | None) -> dict[str, Any]:
     metrics = card.get("metrics")
     if metrics is not None and not isinstance(metrics, Mapping):
         raise ValueError(f"card['metrics'] must be a dict name -> value, got {metrics!r}")
+    license_ = card.get("license")
+    if license_ is not None and not (isinstance(license_, str) and _LICENSE_ID.fullmatch(license_)):
+        raise ValueError(f"card['license']={license_!r} is not a Hub license id: use a lowercase SPDX-style id "
+                         "such as 'apache-2.0', 'mit', 'cc-by-4.0', or 'other' "
+                         "(https://huggingface.co/docs/hub/repositories-licenses)")
     if isinstance(card.get("datasets"), str):
         card["datasets"] = [card["datasets"]]
     for key in ("datasets", "tags"):
@@ -330,6 +336,20 @@ def _check_card(card: Mapping[str, Any] | None) -> dict[str, Any]:
     return card
 
 
+# Hub license ids are lowercase SPDX-style identifiers ("apache-2.0", "cc-by-nc-sa-4.0", "openrail++",
+# "other"); anything else (spaces, newlines, YAML) would end up in the card's front matter.
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+\-]{0,63}")
+# Characters that make Markdown out of a name: table cells (|), code spans, emphasis, links, HTML,
+# headings. Escaped with a backslash (CommonMark), so a name shows as written and stays in its cell.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|#])")
+
+
+def _md_text(text: str) -> str:
+    """One line of literal text for Markdown: whitespace runs (newlines included) become one space, so
+    a name cannot start a line (no injected ``---`` / ``# heading``), and Markdown characters are escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
 def _section(title: str, text: str | None) -> str:
     return f"\n## {title}\n\n{text.strip()}\n" if text else ""
 
@@ -337,7 +357,7 @@ def _section(title: str, text: str | None) -> str:
 def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
     if not metrics:
         return ""
-    rows = "".join(f"| {name} | {_fmt_value(value)} |\n" for name, value in metrics.items())
+    rows = "".join(f"| {_md_text(str(name))} | {_md_text(_fmt_value(value))} |\n" for name, value in metrics.items())
     return f"\n## Metrics\n\n| Metric | Value |\n|---|---|\n{rows}"
 
 
