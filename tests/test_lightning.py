@@ -282,6 +282,51 @@ def test_cli_predict_writes_csv(cli_run, dataset_dir):
         assert r["prediction"] == ["negative", "positive"][int(np.argmax(probs))]
 
 
+def test_cli_predict_needs_no_training_csv(cli_run, dataset_dir, tmp_path):
+    """As the README shows it: a recipe whose data.csv does not exist here, --data.predict a folder."""
+    from timm_stream.lightning.cli import main
+
+    config, best, _ = cli_run
+    recipe = yaml.safe_load(Path(config).read_text())
+    recipe["data"]["csv"] = str(tmp_path / "data" / "images.csv")  # the recipe's training CSV: not here
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    images = tmp_path / "images"
+    images.mkdir()
+    names = ["b.png", "a.png", "c.tif"]
+    for name in names:
+        (images / name).symlink_to(dataset_dir / ("img7.png" if name.endswith("png") else "img6.tif"))
+    output = tmp_path / "predictions.csv"
+    assert main(["predict", "--config", str(path), "--ckpt_path", best, "--data.predict", str(images),
+                 "--predictions.output", str(output), "--trainer.logger", "false"]) == 0
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == sorted(names)  # input order (the folder, sorted)
+
+
+def test_prediction_parts_merge_in_input_order_without_stale_parts(tmp_path):
+    from timm_stream.lightning.callbacks import merge_prediction_parts, part_path
+
+    final = str(tmp_path / "predictions.csv")
+    header = ["index", "path", "prediction", "prob_0", "prob_1"]
+    parts = {0: [[0, "a", 0, 0.9, 0.1], [2, "c", 1, 0.2, 0.8], [0, "a", 0, 0.9, 0.1]],  # padded: 0 again
+             1: [[1, "b", 1, 0.3, 0.7], [3, "d", 0, 0.6, 0.4]],
+             2: [[9, "stale", 0, 1.0, 0.0]]}  # left by an earlier run on 3 processes
+    for rank, rows in parts.items():
+        with open(part_path(final, rank), "w", newline="") as f:
+            csv.writer(f).writerows([header] + rows)
+    merge_prediction_parts(final, world_size=2)
+    with open(final, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == header[1:]
+    assert [r[0] for r in rows[1:]] == ["a", "b", "c", "d"]
+    assert not os.path.exists(part_path(final, 0)) and not os.path.exists(part_path(final, 1))
+    with open(part_path(final, 0), "w", newline="") as f:
+        csv.writer(f).writerows([header] + parts[0])
+    with pytest.raises(FileNotFoundError, match="rank 1"):  # a part of this run missing: said, not skipped
+        merge_prediction_parts(final, world_size=2)
+
+
 def test_push_to_hub_dry_run(cli_run, tmp_path):
     _, best, _ = cli_run
     out = tmp_path / "export"

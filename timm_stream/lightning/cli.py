@@ -50,6 +50,10 @@ class StreamingCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        if self.subcommand in ("validate", "test", "predict"):
+            # Only fit's config reproduces a model. Lightning's SaveConfigCallback would refuse a second
+            # predict run into the same folder (config.yaml exists) or clobber the training run's config.
+            self.save_config_callback = None
         return super().instantiate_trainer(**kwargs)
 
 

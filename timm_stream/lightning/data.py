@@ -523,10 +523,13 @@ class LargeImageDataModule(LightningDataModule):
         return tuple(getattr(model, "min_input_size", (1, 1))) if model is not None else (1, 1)
 
     # -------------------------------------------------------------- setup
-    def _source_splits(self) -> tuple[dict[str, Entries], str]:
+    def _source_splits(self, stage: str | None = None) -> tuple[dict[str, Entries], str]:
         splits: dict[str, Entries] = {}
         source = self.csv or self.root or ""
-        if self.csv is not None:
+        # predicting on given images needs nothing from the training data (a recipe's csv may not exist here)
+        if stage == "predict" and self.predict_source is not None:
+            source = ""
+        elif self.csv is not None:
             splits = read_csv(self.csv)
         elif self.root is not None:
             splits = read_folder(self.root)
@@ -544,7 +547,7 @@ class LargeImageDataModule(LightningDataModule):
             if label_names is not None and list(label_names) != list(model_names):
                 raise DataValidationError(f"data label_names {label_names} differ from the model's {model_names}")
             label_names = model_names
-        splits, source = self._source_splits()
+        splits, source = self._source_splits(stage)
         self.splits, self.label_names = resolve_labels(splits, label_names, source)
         if model is not None and model_names is None and self.label_names is not None \
                 and hasattr(model, "label_names"):
