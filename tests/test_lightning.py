@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
 lightning = pytest.importorskip("lightning")
 tifffile = pytest.importorskip("tifffile")
@@ -26,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from timm_stream.lightning import (AtomicCheckpointIO, DataValidationError, LargeImageDataModule,  # noqa: E402
                                    LargeImageDataset, StreamingClassifier, collate_images, read_image,
-                                   read_image_info)
+                                   read_image_info, validate_entries)
 from timm_stream.lightning.checkpoint import atomic_torch_save  # noqa: E402
 from timm_stream.lightning.cli import StreamingCLI  # noqa: E402
 
@@ -184,16 +185,13 @@ def _broken_case(case: str, root: Path, rng) -> tuple[list[tuple[str, object, st
     if case == "label":
         Image.fromarray(_image(rng, 0)).save(root / "label3.png")
         return good + [("label3.png", 3, "train")], "label3.png", "outside the class range"
-    if case == "small":
-        Image.fromarray(_image(rng, 0, size=20)).save(root / "tiny.png")
-        return good + [("tiny.png", 1, "val")], "tiny.png", "smaller than the network's stride"
     if case == "level":
         write_pyramid_tiff(root / "pyr.tif", _image(rng, 0))  # 3 levels; the PNGs have none: TIFF only
         return [("pyr.tif", 0, "train"), ("pyr.tif", 1, "val")], "pyr.tif", "level 7 does not exist"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable", "label", "small", "level"])
+@pytest.mark.parametrize("case", ["missing", "unreadable", "label", "level"])
 def test_bad_data_fails_before_training(case, tmp_path):
     rows, bad, pattern = _broken_case(case, tmp_path, np.random.default_rng(1))
     with open(tmp_path / "data.csv", "w", newline="") as f:
@@ -208,6 +206,84 @@ def test_bad_data_fails_before_training(case, tmp_path):
     assert bad in message and pattern in message, message
     assert str(tmp_path / bad) in message
     assert trainer.global_step == 0
+
+
+def test_min_input_size_is_what_the_model_runs_on(tmp_path):
+    """Not the stride: a padded ResNet (stride 32) gives logits for a 16x16 image, so such an image is
+    valid; a network without padding has a real minimum, and an image below it is refused."""
+    from timm_stream.lightning.input_size import smallest_input_size
+
+    module = StreamingClassifier(**MODEL)
+    assert module.model.streamer.geometry.stride == (32, 32)
+    assert module.min_input_size == (1, 1)
+    assert module(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)).shape == (1, 2)
+
+    valid = nn.Sequential(nn.Conv2d(3, 4, (5, 3)), nn.MaxPool2d(2), nn.Conv2d(4, 2, 3), nn.Flatten())
+    minimum = smallest_input_size(valid)
+    assert minimum == (10, 8)  # conv 5x3, pool 2, conv 3: (10 - 4) // 2 = 3 rows, (8 - 2) // 2 = 3 columns
+    valid(torch.zeros(1, 3, *minimum))
+    for smaller in ((minimum[0] - 1, minimum[1]), (minimum[0], minimum[1] - 1)):
+        with pytest.raises(RuntimeError):
+            valid(torch.zeros(1, 3, *smaller))
+    Image.fromarray(_image(np.random.default_rng(0), 0, size=9)).save(tmp_path / "tiny.png")
+    with pytest.raises(DataValidationError, match=r"tiny.png: image is 9x9 px, smaller than the smallest input "
+                                                  r"the model runs on \(10x8 px\)"):
+        validate_entries([(str(tmp_path / "tiny.png"), 0)], num_classes=2, min_size=minimum)
+
+
+def test_every_problem_of_every_split_in_one_error(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(_image(rng, 0)).save(tmp_path / name)
+    (tmp_path / "data.csv").write_text("path,label,split\na.png,5,train\nb.png,0,train\nb.png,0,train\n"
+                                       "gone.png,1,val\nc.png,1,val\na.png,0,test\nc.png,1,test\n")
+    data = LargeImageDataModule(csv=str(tmp_path / "data.csv"), num_classes=2, num_workers=0)
+    with pytest.raises(DataValidationError) as info:
+        data.setup("fit")
+    message = str(info.value)
+    assert "[train]" in message and "label 5 is outside the class range" in message
+    assert "[val]" in message and "gone.png" in message  # not hidden by the bad label in train
+    assert "b.png: listed more than once in the 'train' split" in message
+    assert "[test]" not in message and "'test' split" not in message  # fit sets up train and val only
+    with pytest.raises(DataValidationError) as info:
+        data.setup(None)  # every split: the leakage shows
+    assert "a.png: in both the 'train' and the 'test' split (leakage" in str(info.value)
+    assert "c.png: in both the 'val' and the 'test' split" in str(info.value)
+
+
+def test_csv_encoding_and_header_errors_name_the_csv_and_the_fix(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("path,label\nbild_ü.png,0\n".encode("latin-1"))
+    with pytest.raises(DataValidationError, match=r"latin1.csv: not UTF-8 .*save the CSV as UTF-8"):
+        LargeImageDataModule(csv=str(tmp_path / "latin1.csv")).setup("fit")
+    for header in ("file,class", "path,class", "path,label,fold", "image,label"):
+        (tmp_path / "h.csv").write_text(f"{header}\nx.png,0\n")
+        with pytest.raises(DataValidationError, match=r"h.csv, line 1: the header .* does not name the columns "
+                                                      r"path,label\[,split\]; rename them"):
+            LargeImageDataModule(csv=str(tmp_path / "h.csv")).setup("fit")
+    from timm_stream.lightning.data import read_csv
+
+    (tmp_path / "noheader.csv").write_text("x.png,0\ny.svs,1\n")  # no header: the first row is an image
+    assert [p for p, _ in read_csv(tmp_path / "noheader.csv")["train"]] == [str(tmp_path / "x.png"),
+                                                                            str(tmp_path / "y.svs")]
+    (tmp_path / "reordered.csv").write_text("split,label,path\ntrain,1,x.png\n")
+    assert read_csv(tmp_path / "reordered.csv") == {"train": [(str(tmp_path / "x.png"), 1)]}
+
+
+def test_hidden_entries_are_never_classes_or_images(tmp_path):
+    from timm_stream.lightning.data import read_folder, read_source
+
+    rng = np.random.default_rng(3)
+    for path in ("train/cat/a.png", "train/dog/b.png", "train/.ipynb_checkpoints/c.png",
+                 "train/cat/.ipynb_checkpoints/a-checkpoint.png", "train/dog/._b.png", "val/.hidden/d.png",
+                 "predict/e.png", "predict/.cache/f.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_image(rng, 0, size=8)).save(tmp_path / path)
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    splits = read_folder(tmp_path)
+    assert sorted((Path(p).name, label) for p, label in splits["train"]) == [("a.png", "cat"), ("b.png", "dog")]
+    assert splits.get("val", []) == []
+    assert [Path(p).name for p, _ in splits["predict"]] == ["e.png"]
+    assert [Path(p).name for p, _ in read_source(tmp_path / "predict")["predict"]] == ["e.png"]
 
 
 def test_csv_errors_name_the_csv(tmp_path):

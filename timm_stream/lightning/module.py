@@ -166,8 +166,11 @@ class StreamingClassifier(LightningModule):
     # ------------------------------------------------------------------ properties the data module reads
     @property
     def min_input_size(self) -> tuple[int, int]:
-        """Images smaller than the network's total stride have no output position."""
-        return tuple(self.model.streamer.geometry.stride)
+        """The smallest image (height, width) the network turns into an output, found by running it on
+        meta tensors (not its stride: a padded ResNet gives logits for a 16x16 image)."""
+        from .input_size import smallest_input_size
+
+        return smallest_input_size(self.model)
 
     # ------------------------------------------------------------------ forward / steps
     def forward(self, images: Tensor | Sequence[Tensor]) -> Tensor:
