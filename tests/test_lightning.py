@@ -471,3 +471,50 @@ def test_demo_smoke(tmp_path):
     assert result["untiled_estimate"] > result["streamed_estimate"]
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert downsampled_difference(2048) < 5 < downsampled_difference(256)  # the pattern vanishes at 224 px
+
+
+def _fit_warnings(tmp_path, dataset_dir, module):
+    import warnings
+
+    data = LargeImageDataModule(csv=str(dataset_dir / "data.csv"), num_workers=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False).fit(module, data)
+    return [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+
+
+def test_eval_mode_notice_silenced_for_our_frozen_norms_only(tmp_path, dataset_dir):
+    import warnings
+
+    assert not any("eval mode" in str(f[1].pattern if f[1] else "") for f in warnings.filters)  # no global filter
+    module = StreamingClassifier(**MODEL)
+    assert _fit_warnings(tmp_path, dataset_dir, module) == []  # our deliberately frozen norms: no notice
+
+    class WithFrozenExtra(StreamingClassifier):  # a user's module with its own eval-mode submodule
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.extra = nn.Dropout(0.5)
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.extra.eval()
+            return self
+
+    notices = _fit_warnings(tmp_path / "b", dataset_dir, WithFrozenExtra(**MODEL))
+    assert len(notices) == 1  # the user's eval-mode module is still reported
+
+
+def test_cli_help_lists_demo_and_demo_help_says_where_it_writes(capsys):
+    from timm_stream.lightning.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    subcommands = listed[listed.index("Available subcommands"):]
+    assert all(f"    {name} " in subcommands for name in ("fit", "validate", "test", "predict", "demo"))
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--output-dir" in help_text and "./timm_stream_demo" in help_text
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "timm_stream_demo/" in ignored  # the default output folder of the demo is not committed by accident
