@@ -225,6 +225,8 @@ def test_local_dir_without_safetensors_is_refused(saved, tmp_path, no_unpickling
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pretrained(f"local-dir:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):  # timm alone would torch.load the .bin
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
     assert no_unpickling == []
 
 
@@ -550,7 +552,7 @@ def test_timm_hub_load_without_filename_never_unpickles(saved, hub_cache, no_unp
     ((4096, 4096), [3, 224, 224], False),  # an ImageNet cfg says nothing about the images streamed
 ])
 def test_tile_too_large_to_stream_warns(saved, tmp_path, recwarn, tile, input_size, warns):
-    from timm_stream.models._source import LargeTileWarning
+    from timm_stream.models import LargeTileWarning
 
     directory, _ = saved
     target = _saved_with(directory, tmp_path / "m", "model_args.tile_size", list(tile))
