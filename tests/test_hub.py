@@ -611,7 +611,7 @@ HOSTILE = ["a|b", "x\n---\n# Injected heading", "<script>alert(1)</script>", "`t
 def test_card_names_cannot_break_the_markdown(name):
     model = _model()
     text = render_model_card(model, label_names=[name, "b", "c"], card={"metrics": {name: 0.5, "ok": 1.0},
-                                                                         "title": name})
+                                                                         "title": name, "base_pretrained": name})
     front, body = _front_matter(text)
     assert front["library_name"] == "timm"
     lines = body.splitlines()
@@ -621,8 +621,9 @@ def test_card_names_cannot_break_the_markdown(name):
     assert len(metric_rows) == 1
     cells = [c for c in re.split(r"(?<!\\)\|", metric_rows[0])[1:-1]]  # unescaped pipes separate cells
     assert len(cells) == 2
-    classes = next(line for line in lines if line.startswith("| Classes"))
-    assert len(re.split(r"(?<!\\)\|", classes)) == 4  # the row keeps its two cells
+    for row in ("| Classes", "| Pretrained origin"):
+        line = next(line for line in lines if line.startswith(row))
+        assert len(re.split(r"(?<!\\)\|", line)) == 4, line  # the row keeps its two cells
 
 
 @pytest.mark.parametrize("license_", ["Apache 2.0", "mit\nfoo: bar", "", 3])

@@ -253,7 +253,7 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
     # (or what else initialized the model), so only an explicit base_pretrained becomes base_model.
     origin = card.get("base_pretrained") or cfg.get("hf_hub_id") or (
         f"{base}.{cfg['tag']}" if cfg.get("tag") else None)
-    is_hub_id = isinstance(origin, str) and origin.count("/") == 1 and " " not in origin
+    is_hub_id = isinstance(origin, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", origin) is not None
 
     tags = ["image-classification", "timm", "timm_stream", "streaming", base, *card.get("tags", [])]
     front = ModelCardData(
@@ -285,7 +285,7 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
         architecture=arch,
         base=base,
         origin=f"[`{origin}`](https://huggingface.co/{origin})" if is_hub_id else (
-            f"`{origin}`" if origin else "not recorded"),
+            _md_text(origin) if origin else "not recorded"),
         tile_size=f"{model.tile_size[0]} × {model.tile_size[1]}",
         stream_stages=model.stream_stages,
         total_stages=len(STAGE_REDUCTIONS),
