@@ -518,3 +518,31 @@ def test_cli_help_lists_demo_and_demo_help_says_where_it_writes(capsys):
     assert "--output-dir" in help_text and "./timm_stream_demo" in help_text
     ignored = (REPO / ".gitignore").read_text().split()
     assert "timm_stream_demo/" in ignored  # the default output folder of the demo is not committed by accident
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_cli_predict_two_processes_input_order_no_stale_parts(dataset_dir, tmp_path):
+    """`timm-stream predict` with DDP on 2 CPU processes: 5 images (the sampler pads to 6), a stale
+    part of an earlier 3-process run next to the output; one row per image, in input order."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [f"{c}.png" for c in "edcba"]
+    for name in names:
+        (images / name).symlink_to(dataset_dir / "img4.png")
+    output = tmp_path / "predictions.csv"
+    (tmp_path / "predictions.csv.rank2").write_text("index,path,prediction,prob_0,prob_1\n0,stale.png,0,1,0\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    args = ["predict", "--model.model_name", "stream_test_resnet", "--model.num_classes", "2",
+            "--model.tile_size", "64", "--data.predict", str(images), "--data.num_workers", "0",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+            "--predictions.output", str(output)]
+    result = subprocess.run([sys.executable, "-m", "timm_stream.lightning.cli", *args], env=env, cwd=str(REPO),
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # two processes did run
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == sorted(names)
+    assert not list(tmp_path.glob("predictions.csv.rank[01]"))  # this run's parts merged and removed
