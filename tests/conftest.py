@@ -48,6 +48,41 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:Using padding='same':UserWarning")
 
 
+# ---------------------------------------------------------------------------------------------
+# Memory: `TIMM_STREAM_TEST_RSS=1 pytest ...` lists the tests that raised the process's peak RSS
+# (ru_maxrss only grows, so each raise belongs to the test that ran). The suite is meant to stay
+# under 3 GiB (an 8 GB laptop); this finds the test to blame when it does not.
+
+_RSS_RAISES: list[tuple[float, float, str]] = []
+
+
+def _peak_gib() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
+
+
+def pytest_runtest_protocol(item, nextitem):
+    if os.environ.get("TIMM_STREAM_TEST_RSS"):
+        item._rss_before = _peak_gib()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    before = getattr(item, "_rss_before", None)
+    if before is not None and _peak_gib() > before + 0.05:
+        _RSS_RAISES.append((_peak_gib() - before, _peak_gib(), item.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("TIMM_STREAM_TEST_RSS"):
+        terminalreporter.section("peak RSS raised by (GiB: raise, peak after)")
+        for raised, peak, nodeid in sorted(_RSS_RAISES, reverse=True)[:15]:
+            terminalreporter.write_line(f"+{raised:.2f}  {peak:.2f}  {nodeid}")
+        terminalreporter.write_line(f"peak RSS of the test process: {_peak_gib():.2f} GiB")
+
+
 EXACT = 1e-9  # float64 tolerance for "mathematically identical"
 TRUNK_CHILDREN = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 

@@ -6,6 +6,7 @@ huggingface_hub's HfApi boundary (monkeypatched). Outputs of reloaded models are
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import sys
@@ -224,6 +225,8 @@ def test_local_dir_without_safetensors_is_refused(saved, tmp_path, no_unpickling
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pretrained(f"local-dir:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):  # timm alone would torch.load the .bin
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
     assert no_unpickling == []
 
 
@@ -371,7 +374,7 @@ def test_model_card_fields(saved):
     assert f"| Total stride (streamed part) | {g.stride[0]} × {g.stride[1]} |" in body
     assert f"| Receptive field (streamed part) | {g.receptive_field[0]} × {g.receptive_field[1]} pixels |" in body
     assert f"top {top}, bottom {bottom}, left {left}, right {right} pixels" in body
-    assert "| Classes | 3: `tumor`, `stroma`, `fat` |" in body
+    assert "| Classes | 3: tumor, stroma, fat |" in body
     assert "## Training data\n\nCAMELYON16 training slides\n" in body
     assert "| auc | 0.9123 |" in body and "| accuracy | 0.875 |" in body
     usage = body.split("## Usage\n\n```python\n", 1)[1].split("```", 1)[0]
@@ -455,3 +458,184 @@ def test_pyproject_lists_every_package():
     assert set(find_packages(str(ROOT), include=["timm_stream", "timm_stream.*"])) <= listed
     assert setuptools_cfg["package-dir"]["timm_stream.model_cards"] == "model_cards"
     assert "timm_stream.model_cards" in listed
+
+
+
+# ---------------------------------------------------------------------------------------------- every load path
+
+
+def _saved_with(directory: Path, target: Path, path: str, value) -> Path:
+    """A copy of the saved model at `target` whose config.json has `path` (dotted) set to `value`."""
+    target.mkdir(parents=True, exist_ok=True)
+    if target != directory:
+        for name in os.listdir(directory):
+            shutil.copyfile(directory / name, target / name)
+    config = json.loads((directory / "config.json").read_text())
+    *parents, key = path.split(".")
+    node = config
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[key] = value
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+# (config field, value, message): each would build a wrong model (or crash obscurely) through timm's path
+BAD_ON_EVERY_PATH = [
+    ("model_args.num_classes", 7, "model_args.num_classes=7 disagrees with num_classes=3"),  # a random head
+    ("num_classes", 7, "model_args.num_classes=3 disagrees with num_classes=7"),
+    ("model_args.local_stages", 2, "local_stages"),  # was "got multiple values for keyword argument"
+    ("model_args.features_only", True, "features_only"),
+    ("model_args.tile_size", [96, 0], "tile_size must be a positive int"),
+    ("model_args.stream_stages", 9, "stream_stages must be an int from 0 to 4"),
+    ("model_args.normalize_input", "yes", "normalize_input must be true or false"),
+    ("pretrained_cfg.hf_hub_filename", "pytorch_model.bin", "only .safetensors weights are loaded"),
+    ("pretrained_cfg.hf_hub_filename", "weights.pth", "only .safetensors weights are loaded"),
+    ("label_names", {"0": "a", "5": "b"}, "label_names has index 5, outside the class range 0..2"),
+]
+LOAD_PATHS = ["load_pretrained", "timm local-dir", "timm local-dir, pretrained=False", "timm hf-hub",
+              "load_pretrained hf-hub"]
+
+
+@pytest.mark.parametrize("path", LOAD_PATHS)
+@pytest.mark.parametrize("field, value, message", BAD_ON_EVERY_PATH, ids=[f"{f}={v}" for f, v, _ in BAD_ON_EVERY_PATH])
+def test_every_load_path_validates(saved, tmp_path, hub_cache, no_unpickling, path, field, value, message):
+    directory, _ = saved
+    bad = _saved_with(directory, tmp_path / "bad", field, value)
+    _publish(hub_cache, "someone/bad", {n: bad / n for n in os.listdir(bad)})
+    load = {"load_pretrained": lambda: load_pretrained(bad),
+            "timm local-dir": lambda: timm.create_model(f"local-dir:{bad}", pretrained=True),
+            "timm local-dir, pretrained=False": lambda: timm.create_model(f"local-dir:{bad}"),
+            "timm hf-hub": lambda: timm.create_model("hf-hub:someone/bad", pretrained=True),
+            "load_pretrained hf-hub": lambda: load_pretrained("hf-hub:someone/bad")}[path]
+    with pytest.raises(ValueError, match=message):
+        load()
+    assert no_unpickling == []
+
+
+def test_valid_config_loads_on_every_path(saved, hub_cache, image):
+    directory, expected = saved
+    _publish(hub_cache, "someone/good", {n: directory / n for n in os.listdir(directory)})
+    for model in (timm.create_model(f"local-dir:{directory}", pretrained=True),
+                  timm.create_model("hf-hub:someone/good", pretrained=True), load_pretrained(directory)):
+        assert model.num_classes == 3
+        assert torch.equal(_forward(model, image), expected)
+
+
+def test_local_stages_is_not_an_argument():
+    with pytest.raises(ValueError, match="local_stages is not an argument.*stream_stages"):
+        timm.create_model(ARCH, local_stages=2)
+    with pytest.raises(ValueError, match="tile_size must be a positive int"):
+        timm.create_model(ARCH, tile_size=(96, -1))
+
+
+def test_timm_hub_load_without_filename_never_unpickles(saved, hub_cache, no_unpickling):
+    """A config without hf_hub_filename (as timm's own export writes it) next to a pickle: timm alone
+    would torch.load pytorch_model.bin; through the stream entrypoint only model.safetensors is fetched."""
+    directory, _ = saved
+    config = json.loads((directory / "config.json").read_text())
+    del config["pretrained_cfg"]["hf_hub_filename"]
+    pickled = directory.parent / "pytorch_model.bin"
+    torch.save({}, pickled)
+    _publish(hub_cache, "someone/plain-timm", {"config.json": json.dumps(config).encode(),
+                                                "pytorch_model.bin": pickled})
+    with pytest.raises(FileNotFoundError):  # model.safetensors is not in the cache: refused, not unpickled
+        timm.create_model("hf-hub:someone/plain-timm", pretrained=True)
+    assert no_unpickling == []
+
+
+@pytest.mark.parametrize("tile, input_size, warns", [
+    ((96, 128), None, False),
+    ((20000, 20000), None, True),  # streams nothing on any real image
+    ((4096, 4096), [3, 4096, 4096], True),  # the config's own (large) input size runs as one tile
+    ((2048, 2048), [3, 4096, 4096], False),
+    ((4096, 4096), [3, 224, 224], False),  # an ImageNet cfg says nothing about the images streamed
+])
+def test_tile_too_large_to_stream_warns(saved, tmp_path, recwarn, tile, input_size, warns):
+    from timm_stream.models import LargeTileWarning
+
+    directory, _ = saved
+    target = _saved_with(directory, tmp_path / "m", "model_args.tile_size", list(tile))
+    if input_size:
+        _saved_with(target, target, "pretrained_cfg.input_size", input_size)
+    model = timm.create_model(f"local-dir:{target}", pretrained=True)
+    assert model.tile_size == tile
+    assert any(issubclass(w.category, LargeTileWarning) for w in recwarn.list) == warns
+
+
+def test_hub_config_and_weights_come_from_one_commit(saved, hub_cache, image, monkeypatch):
+    """The branch moves (a new push with another config and other weights) between timm's config
+    download and its weights download: never the old config with the new weights."""
+    import timm.models._hub as timm_hub
+    from safetensors.torch import save_file
+
+    directory, expected = saved
+    _publish(hub_cache, "someone/moving", {n: directory / n for n in os.listdir(directory)})
+    repo = hub_cache / "models--someone--moving"
+    new_commit = "f" * 40
+    (repo / "snapshots" / new_commit).mkdir()
+    _saved_with(directory, repo / "snapshots" / new_commit, "model_args.tile_size", [64, 64])
+    save_file({k: torch.zeros_like(v) for k, v in _model().state_dict().items()},
+              repo / "snapshots" / new_commit / "model.safetensors")
+    real = timm_hub.hf_hub_download
+
+    def download_then_push(*args, **kwargs):
+        path = real(*args, **kwargs)
+        if path.endswith("config.json"):
+            (repo / "refs" / "main").write_text(new_commit)  # someone pushes right after the config download
+        return path
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", download_then_push)
+    with pytest.raises(RuntimeError, match="changed while it was loading.*@<commit>"):
+        timm.create_model("hf-hub:someone/moving", pretrained=True)
+
+    (repo / "refs" / "main").write_text(COMMIT)
+    model = load_pretrained("hf-hub:someone/moving")  # resolves the commit once, before timm downloads
+    assert model.pretrained_cfg["hf_hub_id"] == f"someone/moving@{COMMIT}"
+    assert model.tile_size == TILE and torch.equal(_forward(model, image), expected)
+
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(timm_hub, "hf_hub_download", real)
+    model = timm.create_model("hf-hub:someone/moving", pretrained=True)  # no push meanwhile: pinned, loads
+    assert model.pretrained_cfg["hf_hub_id"] == f"someone/moving@{COMMIT}"
+    assert torch.equal(_forward(model, image), expected)
+
+
+# ---------------------------------------------------------------------------------------------- card: names are text
+
+
+HOSTILE = ["a|b", "x\n---\n# Injected heading", "<script>alert(1)</script>", "`tick` *bold* [link](http://x)"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_card_names_cannot_break_the_markdown(name):
+    model = _model()
+    text = render_model_card(model, label_names=[name, "b", "c"], card={"metrics": {name: 0.5, "ok": 1.0},
+                                                                         "title": name, "base_pretrained": name})
+    front, body = _front_matter(text)
+    assert front["library_name"] == "timm"
+    lines = body.splitlines()
+    assert not any(line.startswith("# Injected") for line in lines)  # no heading injected
+    assert "<script>" not in body
+    metric_rows = [line for line in lines if line.startswith("| ") and line.endswith(" 0.5 |")]
+    assert len(metric_rows) == 1
+    cells = [c for c in re.split(r"(?<!\\)\|", metric_rows[0])[1:-1]]  # unescaped pipes separate cells
+    assert len(cells) == 2
+    for row in ("| Classes", "| Pretrained origin"):
+        line = next(line for line in lines if line.startswith(row))
+        assert len(re.split(r"(?<!\\)\|", line)) == 4, line  # the row keeps its two cells
+
+
+@pytest.mark.parametrize("license_", ["Apache 2.0", "mit\nfoo: bar", "", 3])
+def test_card_license_must_be_a_hub_id(license_):
+    with pytest.raises(ValueError, match="not a Hub license id"):
+        render_model_card(_model(), card={"license": license_})
+    render_model_card(_model(), card={"license": "cc-by-nc-sa-4.0"})
+
+
+def test_label_names_keys_in_range(tmp_path):
+    with pytest.raises(ValueError, match="index 5, outside the class range 0..2"):
+        render_model_card(_model(), label_names={0: "a", 5: "b"})
+    with pytest.raises(ValueError, match="index -1"):
+        save_pretrained(_model(), tmp_path, label_names={-1: "a"})
+    assert "a, b" in render_model_card(_model(), label_names={"0": "a", "1": "b"})

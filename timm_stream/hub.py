@@ -14,10 +14,10 @@ Files are written by timm's ``save_for_hf`` (safetensors only); downloads, uploa
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -26,37 +26,29 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import timm
-from timm.models import PretrainedCfg
 from timm.models._hub import hf_split, save_for_hf
 from torch import nn
 
 from .engine.streaming import _as_tile_size
-from .models import REGISTERED, STREAM_PREFIX, InputNormalizer, StreamingModelMixin, base_name
+from .models import PICKLE_SUFFIXES as _PICKLE_SUFFIXES
+from .models import WEIGHTS_NAME, InputNormalizer, StreamingModelMixin, base_name, pin_revision, validate_config
+from .models import check_label_names as _check_label_names
+from .models import check_model_args as _check_model_args
 from .models._builder import _check_stream_stages
 from .models._families import STAGE_REDUCTIONS
+# (validate_config lives with the builder, which timm's own "local-dir:"/"hf-hub:" loads reach too)
 
 __all__ = ["save_pretrained", "push_to_hub", "load_pretrained", "validate_config", "render_model_card",
            "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME"]
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"  # the only weights file written and the only one loaded
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 CARD_TEMPLATE = "stream_model.md"  # in model_cards/ == package data of timm_stream.model_cards
 
-# Streaming arguments written to model_args explicitly (timm >= 1.0.2x also records the factory's
-# kwargs, older timm only what is passed): without them a reload would stream differently.
-STREAM_ARGS = ("tile_size", "stream_stages", "normalize_input", "train_tail_norms")
 # Run-time options that are not part of the shared model.
 _RUNTIME_ARGS = ("progress",)
-# Parameters of timm.create_model / the entrypoints, never reconstruction arguments: in a config they
-# would collide with what create_model passes itself (or, for features_only, be refused later).
-_RESERVED_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args",
-                  "checkpoint_path", "cache_dir", "scriptable", "exportable", "no_jit", "features_only")
-_BOOL_ARGS = ("normalize_input", "train_tail_norms", "progress")
-# Pickle files timm's own push writes next to the safetensors; a push of ours removes stale ones.
-_PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".pickle", ".ckpt")
 
 CARD_KEYS = ("license", "datasets", "training_data", "metrics", "base_pretrained", "repo_id", "title",
              "description", "tags")
@@ -163,13 +155,16 @@ def load_pretrained(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
     a directory path. ``overrides`` (e.g. ``tile_size=4096``, ``num_classes=5``) replace the saved
     ``model_args``.
 
-    Same result as ``timm.create_model(source, pretrained=True, **overrides)``, but the
-    ``stream_*`` registry is imported first, ``config.json`` is validated before anything is built
-    (see :func:`validate_config`), and only ``model.safetensors`` is ever read: never a pickle.
+    Same result as ``timm.create_model(source, pretrained=True, **overrides)`` (which runs the same
+    checks once ``timm_stream`` is imported), but ``config.json`` is validated before the weights are
+    downloaded (see :func:`validate_config`); only ``model.safetensors`` is ever read, never a pickle;
+    on the Hub the revision is resolved to one commit, from which config and weights both come.
     """
     kind, location = _parse_source(source)
     config = _read_config(kind, location, cache_dir)
     validate_config(config)
+    if kind == "hf-hub":  # config and weights from one commit, even if the branch moves meanwhile
+        location = pin_revision(location, cache_dir)
     _check_model_args(overrides, "keyword argument")
     if kind == "local-dir" and not (Path(location) / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{Path(location) / WEIGHTS_NAME} not found: only safetensors weights are "
@@ -210,98 +205,7 @@ def _read_config(kind: str, location: str, cache_dir: str | os.PathLike | None) 
         raise ValueError(f"invalid {CONFIG_NAME} of {location}: not JSON ({exc})") from exc
 
 
-# ------------------------------------------------------------------------------------------------ validate
-
-
-def validate_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Check a shared model's ``config.json`` (as a dict) before anything is built from it; returns it.
-
-    Raises ``ValueError`` naming the offending field when: the architecture is missing, not
-    ``stream_*`` or not registered by this timm_stream; ``model_args`` has a tile_size that is not a
-    positive int or (h, w) pair, a stream_stages out of range, a non-bool flag, a bad num_classes or a
-    create_model parameter; ``num_classes`` / ``label_names`` are inconsistent; the pretrained cfg has
-    unknown fields, non-numeric mean/std, a custom loader or a non-safetensors weights file.
-    """
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
-    arch = config.get("architecture")
-    if not isinstance(arch, str) or not arch:
-        raise ValueError("config has no 'architecture' (expected 'stream_<arch>')")
-    if not arch.startswith(STREAM_PREFIX):
-        raise ValueError(f"architecture {arch!r} is not a streaming model (expected '{STREAM_PREFIX}<arch>'); "
-                         "load it with timm.create_model instead")
-    if arch not in REGISTERED:
-        raise ValueError(f"unknown streaming architecture {arch!r}: this timm_stream registers "
-                         f"{', '.join(sorted(REGISTERED))} (a newer timm_stream may know it)")
-
-    num_classes = config.get("num_classes")
-    if num_classes is not None:
-        _check_num_classes(num_classes, "num_classes")
-    model_args = config.get("model_args", {})
-    if not isinstance(model_args, Mapping):
-        raise ValueError(f"model_args must be a JSON object, got {type(model_args).__name__}")
-    _check_model_args(model_args, "model_args")
-    if num_classes is not None and model_args.get("num_classes", num_classes) != num_classes:
-        raise ValueError(f"model_args.num_classes={model_args['num_classes']} disagrees with "
-                         f"num_classes={num_classes}")
-    if config.get("label_names") is not None:
-        _check_label_names(config["label_names"], model_args.get("num_classes", num_classes))
-
-    cfg = config.get("pretrained_cfg", {})
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"pretrained_cfg must be a JSON object, got {type(cfg).__name__}")
-    unknown = set(cfg) - {f.name for f in dataclasses.fields(PretrainedCfg)}
-    if unknown:
-        raise ValueError(f"pretrained_cfg has unknown fields {sorted(unknown)}")
-    if cfg.get("custom_load"):
-        raise ValueError("pretrained_cfg.custom_load is set: shared streaming models load plain safetensors")
-    filename = cfg.get("hf_hub_filename")
-    if filename is not None and not (isinstance(filename, str) and filename.endswith(".safetensors")):
-        raise ValueError(f"pretrained_cfg.hf_hub_filename={filename!r}: only .safetensors weights are loaded")
-    for key in ("mean", "std"):
-        value = cfg.get(key)
-        if value is not None and not (isinstance(value, (list, tuple)) and value and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            raise ValueError(f"pretrained_cfg.{key} must be a list of numbers, got {value!r}")
-    if cfg.get("std") and any(v <= 0 for v in cfg["std"]):
-        raise ValueError(f"pretrained_cfg.std must be positive, got {cfg['std']!r}")
-    return config
-
-
-def _check_model_args(args: Mapping[str, Any], where: str) -> None:
-    reserved = sorted(set(args) & set(_RESERVED_ARGS))
-    if reserved:
-        raise ValueError(f"{where} must not contain {reserved}: they are create_model's own parameters")
-    try:
-        if "tile_size" in args:
-            _as_tile_size(args["tile_size"])
-        if "stream_stages" in args:
-            _check_stream_stages(args["stream_stages"])
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-    for key in _BOOL_ARGS:
-        if key in args and not isinstance(args[key], bool):
-            raise ValueError(f"{where}: {key} must be true or false, got {args[key]!r}")
-    if "num_classes" in args:
-        _check_num_classes(args["num_classes"], f"{where}: num_classes")
-
-
-def _check_num_classes(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
-
-
-def _check_label_names(label_names: Any, num_classes: int | None) -> list[str] | dict | None:
-    if label_names is None:
-        return None
-    if isinstance(label_names, Mapping):
-        return dict(label_names)
-    if isinstance(label_names, str) or not isinstance(label_names, Sequence) or not all(
-            isinstance(n, str) for n in label_names):
-        raise ValueError(f"label_names must be a list of strings (or {{index: name}}), got {label_names!r}")
-    if num_classes is not None and len(label_names) != num_classes:
-        raise ValueError(f"{len(label_names)} label_names for {num_classes} classes")
-    return list(label_names)
+# ------------------------------------------------------------------------------------------------ checks
 
 
 def _check_streaming(model: Any) -> None:
@@ -349,7 +253,7 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
     # (or what else initialized the model), so only an explicit base_pretrained becomes base_model.
     origin = card.get("base_pretrained") or cfg.get("hf_hub_id") or (
         f"{base}.{cfg['tag']}" if cfg.get("tag") else None)
-    is_hub_id = isinstance(origin, str) and origin.count("/") == 1 and " " not in origin
+    is_hub_id = isinstance(origin, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", origin) is not None
 
     tags = ["image-classification", "timm", "timm_stream", "streaming", base, *card.get("tags", [])]
     front = ModelCardData(
@@ -366,7 +270,7 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
     labels = ""
     if label_names:
         names = list(label_names.values()) if isinstance(label_names, Mapping) else label_names
-        labels = ": " + ", ".join(f"`{n}`" for n in names[:20]) + (", …" if len(names) > 20 else "")
+        labels = ": " + ", ".join(_md_text(n) for n in names[:20]) + (", …" if len(names) > 20 else "")
     if isinstance(model.streamer.preprocess, InputNormalizer):
         input_text = "uint8 RGB images (0..255); each tile is normalized inside the model"
         example = "torch.randint(0, 256, (1, 3, 8192, 8192), dtype=torch.uint8)  # a whole multi-megapixel image"
@@ -376,12 +280,12 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
 
     fields = dict(
         front_matter=front,
-        title=card.get("title") or (repo_id.split("/")[-1] if repo_id else arch),
+        title=_md_text(card.get("title") or (repo_id.split("/")[-1] if repo_id else arch)),
         description=f"{card['description'].strip()}\n\n" if card.get("description") else "",
         architecture=arch,
         base=base,
         origin=f"[`{origin}`](https://huggingface.co/{origin})" if is_hub_id else (
-            f"`{origin}`" if origin else "not recorded"),
+            _md_text(origin) if origin else "not recorded"),
         tile_size=f"{model.tile_size[0]} × {model.tile_size[1]}",
         stream_stages=model.stream_stages,
         total_stages=len(STAGE_REDUCTIONS),
@@ -417,6 +321,11 @@ def _check_card(card: Mapping[str, Any] | None) -> dict[str, Any]:
     metrics = card.get("metrics")
     if metrics is not None and not isinstance(metrics, Mapping):
         raise ValueError(f"card['metrics'] must be a dict name -> value, got {metrics!r}")
+    license_ = card.get("license")
+    if license_ is not None and not (isinstance(license_, str) and _LICENSE_ID.fullmatch(license_)):
+        raise ValueError(f"card['license']={license_!r} is not a Hub license id: use a lowercase SPDX-style id "
+                         "such as 'apache-2.0', 'mit', 'cc-by-4.0', or 'other' "
+                         "(https://huggingface.co/docs/hub/repositories-licenses)")
     if isinstance(card.get("datasets"), str):
         card["datasets"] = [card["datasets"]]
     for key in ("datasets", "tags"):
@@ -426,6 +335,20 @@ def _check_card(card: Mapping[str, Any] | None) -> dict[str, Any]:
     return card
 
 
+# Hub license ids are lowercase SPDX-style identifiers ("apache-2.0", "cc-by-nc-sa-4.0", "openrail++",
+# "other"); anything else (spaces, newlines, YAML) would end up in the card's front matter.
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+\-]{0,63}")
+# Characters that make Markdown out of a name: table cells (|), code spans, emphasis, links, HTML,
+# headings. Escaped with a backslash (CommonMark), so a name shows as written and stays in its cell.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|#])")
+
+
+def _md_text(text: str) -> str:
+    """One line of literal text for Markdown: whitespace runs (newlines included) become one space, so
+    a name cannot start a line (no injected ``---`` / ``# heading``), and Markdown characters are escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
 def _section(title: str, text: str | None) -> str:
     return f"\n## {title}\n\n{text.strip()}\n" if text else ""
 
@@ -433,7 +356,7 @@ def _section(title: str, text: str | None) -> str:
 def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
     if not metrics:
         return ""
-    rows = "".join(f"| {name} | {_fmt_value(value)} |\n" for name, value in metrics.items())
+    rows = "".join(f"| {_md_text(str(name))} | {_md_text(_fmt_value(value))} |\n" for name, value in metrics.items())
     return f"\n## Metrics\n\n| Metric | Value |\n|---|---|\n{rows}"
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import os
 from typing import Any, Sequence
 
@@ -11,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["PredictionWriter", "HubExport", "prediction_columns"]
+__all__ = ["PredictionWriter", "HubExport", "prediction_columns", "merge_prediction_parts", "part_path"]
 
 
 def prediction_columns(label_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -21,9 +20,11 @@ def prediction_columns(label_names: Sequence[str] | None, num_classes: int) -> l
 
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predict`` results to a CSV: ``path, prediction, prob_<class>...`` (the predicted class
-    name, or index when the model has no class names). Rows are written batch by batch, so an
-    interrupted run keeps what it predicted. With several processes each writes its own part and
-    rank 0 merges them at the end.
+    name, or index when the model has no class names), one row per input image, in input order. Rows
+    are written batch by batch, so an interrupted run keeps what it predicted. With several processes
+    each writes its own part (``<output>.rank<r>``, rows tagged with their input index) and rank 0
+    merges exactly this run's parts: sorted by input index, the duplicates that Lightning's
+    ``DistributedSampler`` pads with dropped; part files left by an earlier run are never read.
 
     Args:
         output: CSV path (default: ``predictions.csv`` in the Trainer's log folder).
@@ -34,6 +35,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output = output
         self._file = None
         self._writer = None
+        self._tagged = False
         self.path: str | None = None
 
     def _final_path(self, trainer: Trainer) -> str:
@@ -41,21 +43,24 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         final = self._final_path(trainer)
-        self.path = final if trainer.world_size == 1 else f"{final}.rank{trainer.global_rank}"
+        self._tagged = trainer.world_size > 1
+        self.path = final if not self._tagged else part_path(final, trainer.global_rank)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._names = getattr(pl_module, "label_names", None)
-        self._file = open(self.path, "w", newline="")
+        self._file = open(self.path, "w", newline="")  # truncates this rank's part of an earlier run
         self._writer = csv.writer(self._file)
-        self._writer.writerow(prediction_columns(self._names, getattr(pl_module, "num_classes", 0)))
+        header = prediction_columns(self._names, getattr(pl_module, "num_classes", 0))
+        self._writer.writerow((["index"] if self._tagged else []) + header)
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
         probs: torch.Tensor = prediction["probs"]
-        for path, row in zip(prediction["path"], probs.tolist()):
+        indices = _batch_indices(batch, batch_indices, len(prediction["path"]))
+        for index, path, row in zip(indices, prediction["path"], probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
             label = self._names[best] if self._names else best
-            self._writer.writerow([path, label] + [f"{p:.6g}" for p in row])
+            self._writer.writerow(([index] if self._tagged else []) + [path, label] + [f"{p:.6g}" for p in row])
         self._file.flush()
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -63,18 +68,51 @@ class PredictionWriter(BasePredictionWriter):
             self._file.close()
             self._file = None
         final = self._final_path(trainer)
-        if trainer.world_size > 1:
+        if self._tagged:
             trainer.strategy.barrier("prediction_writer")
             if trainer.is_global_zero:
-                parts = sorted(glob.glob(f"{glob.escape(final)}.rank*"))
-                with open(final, "w", newline="") as out:
-                    for i, part in enumerate(parts):
-                        with open(part, newline="") as f:
-                            lines = f.readlines()
-                        out.writelines(lines if i == 0 else lines[1:])
-                        os.remove(part)
+                merge_prediction_parts(final, trainer.world_size)
+            trainer.strategy.barrier("prediction_writer_merged")
             self.path = final
         rank_zero_info(f"Predictions written to {final}")
+
+
+def part_path(final: str, rank: int) -> str:
+    """The part file of process ``rank`` for the predictions CSV ``final``."""
+    return f"{final}.rank{rank}"
+
+
+def _batch_indices(batch: Any, batch_indices: Sequence[int] | None, n: int) -> list[int]:
+    if isinstance(batch, dict) and "index" in batch:
+        return [int(i) for i in torch.as_tensor(batch["index"]).tolist()]
+    if batch_indices is not None:
+        return [int(i) for i in batch_indices]
+    return [-1] * n
+
+
+def merge_prediction_parts(final: str, world_size: int) -> str:
+    """Merge the part files of ranks ``0..world_size-1`` into ``final`` (rows in input order, each input
+    once) and delete them. Only this run's ranks are read: a ``.rank7`` left by an earlier run on more
+    processes is not. Raises ``FileNotFoundError`` naming a missing part."""
+    header, rows = None, {}
+    for rank in range(world_size):
+        part = part_path(final, rank)
+        if not os.path.isfile(part):
+            raise FileNotFoundError(f"{part}: the predictions of rank {rank} are missing")
+        with open(part, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)[1:]
+            for row in reader:
+                rows.setdefault(int(row[0]), row[1:])  # DistributedSampler pads with repeated inputs
+    tmp = f"{final}.tmp"
+    with open(tmp, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(rows[i] for i in sorted(rows))
+    os.replace(tmp, final)
+    for rank in range(world_size):
+        os.remove(part_path(final, rank))
+    return final
 
 
 class HubExport(Callback):

@@ -30,6 +30,10 @@ DESCRIPTION = ("Fine-tune stream_<arch> timm models on large images, tile by til
                "test, predict (LightningCLI; e.g. --config recipes/<name>.yaml) and demo (timm-stream demo --help).")
 
 
+DEMO_HELP = ("Fine-tune stream_test_resnet on generated 1024x1024 images (CPU, offline, a few minutes); writes "
+             "under ./timm_stream_demo. Options: timm-stream demo --help")
+
+
 class StreamingCLI(LightningCLI):
     """LightningCLI with the streaming model and data module, the predictions writer and atomic
     checkpoint writes. Optimizer and scheduler are the model's ``optimizer``/``scheduler`` arguments
@@ -41,6 +45,17 @@ class StreamingCLI(LightningCLI):
         parser_kwargs.setdefault("description", DESCRIPTION)
         super().__init__(StreamingClassifier, LargeImageDataModule, *args, parser_kwargs=parser_kwargs, **kwargs)
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # Lightning's fit/validate/test/predict, plus `demo` in the help's list of subcommands (main()
+        # runs it before the CLI is built; its own options: timm-stream demo --help).
+        add_subcommands, actions = parser.add_subcommands, []
+        parser.add_subcommands = lambda *a, **k: actions.append(add_subcommands(*a, **k)) or actions[-1]
+        try:
+            super()._add_subcommands(parser, **kwargs)
+        finally:
+            del parser.add_subcommands
+        actions[0].add_subcommand("demo", LightningArgumentParser(description=DEMO_HELP), help=DEMO_HELP)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
@@ -50,6 +65,10 @@ class StreamingCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        if self.subcommand in ("validate", "test", "predict"):
+            # Only fit's config reproduces a model. Lightning's SaveConfigCallback would refuse a second
+            # predict run into the same folder (config.yaml exists) or clobber the training run's config.
+            self.save_config_callback = None
         return super().instantiate_trainer(**kwargs)
 
 

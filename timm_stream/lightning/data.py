@@ -42,8 +42,8 @@ from timm_stream.io.pil import decode_pil
 
 __all__ = [
     "IMAGE_SUFFIXES", "ImageInfo", "DataValidationError", "ImageReadError", "read_image_info", "read_image",
-    "LargeImageDataset", "collate_images", "read_mask", "read_mask_column", "LargeImageDataModule", "read_csv", "read_folder",
-    "validate_entries", "SPLITS",
+    "LargeImageDataset", "collate_images", "read_mask", "read_mask_column", "LargeImageDataModule", "read_csv",
+    "read_folder", "validate_entries", "entry_problems", "overlap_problems", "SPLITS",
 ]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".svs", ".ndpi", ".btf")
@@ -327,8 +327,23 @@ def _split_name(value: str, where: str) -> str:
     return _SPLIT_ALIASES[key]
 
 
+def _looks_like_image_path(cell: str) -> bool:
+    return cell.lower().endswith(IMAGE_SUFFIXES + _TIFF_SUFFIXES)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """A dot entry (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.png`` of macOS) anywhere below ``root``."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, folder) and p.is_file()]
+
+
 def read_csv(csv_path: str | os.PathLike) -> dict[str, Entries]:
-    """``path,label[,split]`` rows (a header row naming the columns is optional; relative paths are
+    """``path,label[,split]`` rows (a header row naming the columns is optional -- a first row whose first
+    cell is not an image path is a header and must name ``path,label[,split]``; relative paths are
     relative to the CSV's folder; an empty label means unlabeled). Rows without a split column are
     all ``train``. Labels are kept as written (int or class name) until :func:`resolve_labels`."""
     csv_path = os.fspath(csv_path)
@@ -336,14 +351,25 @@ def read_csv(csv_path: str | os.PathLike) -> dict[str, Entries]:
         raise DataValidationError(f"{csv_path}: CSV file not found")
     base = os.path.dirname(os.path.abspath(csv_path))
     splits: dict[str, Entries] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if row and any(c.strip() for c in row)]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if row and any(c.strip() for c in row)]
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(
+            f"{csv_path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the CSV as UTF-8 (e.g. in "
+            "a spreadsheet: 'CSV UTF-8'; or iconv -f latin1 -t utf-8)") from None
     if not rows:
         raise DataValidationError(f"{csv_path}: the CSV is empty")
     columns = {"path": 0, "label": 1, "split": 2}
     first = [c.strip().lower() for c in rows[0][1]]
-    if "path" in first:
-        columns = {name: first.index(name) for name in ("path", "label", "split") if name in first}
+    if not _looks_like_image_path(first[0]):  # a header row: it must name the columns
+        named = [c for c in first if c in columns]
+        if "path" not in named or "label" not in named or len(named) != len(first) or len(set(named)) != len(named):
+            raise DataValidationError(
+                f"{csv_path}, line {rows[0][0]}: the header {rows[0][1]} does not name the columns "
+                "path,label[,split]; rename them (e.g. 'path,label,split'), or drop the header row if the "
+                "first row is an image")
+        columns = {name: first.index(name) for name in named}
         rows = rows[1:]
     for line, row in rows:
         where = f"{csv_path}, line {line}"
@@ -366,11 +392,12 @@ def read_csv(csv_path: str | os.PathLike) -> dict[str, Entries]:
 
 def read_folder(root: str | os.PathLike) -> dict[str, Entries]:
     """``root/<split>/<class name>/<image>`` (split: train, val, test), plus unlabeled images anywhere
-    under ``root/predict/``. Labels are class names (folder names)."""
+    under ``root/predict/``. Labels are class names (folder names). Hidden entries (names starting with a
+    dot: ``.ipynb_checkpoints``, ``.DS_Store``) are never classes or images."""
     root = Path(root)
     if not root.is_dir():
         raise DataValidationError(f"{root}: folder not found")
-    found = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.lower() in _SPLIT_ALIASES}
+    found = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.lower() in _SPLIT_ALIASES}  # no dot names
     if not found:
         raise DataValidationError(
             f"{root}: expected split folders ({', '.join(SPLITS)}) holding one folder per class, e.g. "
@@ -380,11 +407,10 @@ def read_folder(root: str | os.PathLike) -> dict[str, Entries]:
         split = _SPLIT_ALIASES[name.lower()]
         entries = splits.setdefault(split, [])
         if split == "predict":
-            entries += [(str(p), None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            entries += [(str(p), None) for p in _images_under(folder)]
             continue
-        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            entries += [(str(p), class_dir.name) for p in sorted(class_dir.rglob("*"))
-                        if p.suffix.lower() in IMAGE_SUFFIXES]
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            entries += [(str(p), class_dir.name) for p in _images_under(class_dir)]
     return splits
 
 
@@ -395,7 +421,7 @@ def read_source(source: str | os.PathLike) -> dict[str, Entries]:
         layout = Path(source)
         if any(p.is_dir() and p.name.lower() in _SPLIT_ALIASES for p in layout.iterdir()):
             return read_folder(source)
-        return {"predict": [(str(p), None) for p in sorted(layout.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]}
+        return {"predict": [(str(p), None) for p in _images_under(layout)]}
     if source.lower().endswith(IMAGE_SUFFIXES):
         return {"predict": [(source, None)]}
     return read_csv(source)
@@ -430,6 +456,24 @@ def validate_entries(entries: Sequence[tuple[str, int | None]], *, num_classes: 
     """Check every image from its header (exists, readable, 8-bit, large enough, channels usable) and
     every label (present, in ``0..num_classes-1``). Raises one :class:`DataValidationError` listing all
     problems, each naming its file; returns the headers."""
+    problems, infos = entry_problems(entries, num_classes=num_classes, min_size=min_size, level=level, mpp=mpp,
+                                     channels=channels, require_labels=require_labels, check=check)
+    if problems:
+        raise DataValidationError(_report(problems, f"the {what} ({len(entries)} images)"))
+    return infos
+
+
+def _report(problems: Sequence[str], where: str) -> str:
+    listed = "\n  ".join(problems[:_MAX_LISTED])
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return f"{len(problems)} problem(s) in {where}:\n  {listed}{more}"
+
+
+def entry_problems(entries: Sequence[tuple[str, int | None]], *, num_classes: int | None,
+                   min_size: tuple[int, int] = (1, 1), level: int | None = None, mpp: float | None = None,
+                   channels: int = 3, require_labels: bool = True,
+                   check: str = "structure") -> tuple[list[str], list[ImageInfo]]:
+    """The checks of :func:`validate_entries`, returned instead of raised: ``(problems, headers)``."""
     problems: list[str] = []
     infos: list[ImageInfo] = []
     for path, label in entries:
@@ -448,18 +492,32 @@ def validate_entries(entries: Sequence[tuple[str, int | None]], *, num_classes: 
         if info.dtype != "uint8":
             problems.append(f"{path}: pixels are {info.dtype}, not uint8; convert the image to 8 bits")
         if info.height < min_size[0] or info.width < min_size[1]:
-            problems.append(f"{path}: image is {info.height}x{info.width} px{where}, smaller than the network's "
-                            f"stride {min_size[0]}x{min_size[1]}: it would have no output; use a finer level "
-                            "or remove it")
+            problems.append(f"{path}: image is {info.height}x{info.width} px{where}, smaller than the smallest "
+                            f"input the model runs on ({min_size[0]}x{min_size[1]} px): use a finer level or "
+                            "remove it")
         if info.channels not in (channels, 1) and not (info.channels == 4 and channels == 3) \
                 and not (info.channels == 2 and channels in (1, 3)):
             problems.append(f"{path}: the image has {info.channels} channels, the model takes {channels}")
-    if problems:
-        listed = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise DataValidationError(f"{len(problems)} problem(s) in the {what} ({len(entries)} images):\n  "
-                                  f"{listed}{more}")
-    return infos
+    return problems, infos
+
+
+def overlap_problems(splits: dict[str, Sequence[tuple[str, Any]]]) -> list[str]:
+    """Files listed twice in one split and files in two of train/val/test (leakage: a model validated or
+    tested on its own training images). The same file is the same real path (symbolic links followed).
+    ``predict`` is exempt (it defaults to the test split)."""
+    problems, seen = [], {}
+    for split in ("train", "val", "test"):
+        counts: dict[str, int] = {}
+        for path, _ in splits.get(split, ()):
+            real = os.path.realpath(path)
+            counts[real] = counts.get(real, 0) + 1
+            if counts[real] == 2:
+                problems.append(f"{path}: listed more than once in the '{split}' split; remove the duplicate rows")
+            other = seen.setdefault(real, split)
+            if other != split and counts[real] == 1:
+                problems.append(f"{path}: in both the '{other}' and the '{split}' split (leakage: the model would "
+                                f"be evaluated on images it trained on); keep it in one split")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------ datamodule
@@ -541,10 +599,13 @@ class LargeImageDataModule(LightningDataModule):
         return tuple(getattr(model, "min_input_size", (1, 1))) if model is not None else (1, 1)
 
     # -------------------------------------------------------------- setup
-    def _source_splits(self) -> tuple[dict[str, Entries], str]:
+    def _source_splits(self, stage: str | None = None) -> tuple[dict[str, Entries], str]:
         splits: dict[str, Entries] = {}
         source = self.csv or self.root or ""
-        if self.csv is not None:
+        # predicting on given images needs nothing from the training data (a recipe's csv may not exist here)
+        if stage == "predict" and self.predict_source is not None:
+            source = ""
+        elif self.csv is not None:
             splits = read_csv(self.csv)
         elif self.root is not None:
             splits = read_folder(self.root)
@@ -562,7 +623,7 @@ class LargeImageDataModule(LightningDataModule):
             if label_names is not None and list(label_names) != list(model_names):
                 raise DataValidationError(f"data label_names {label_names} differ from the model's {model_names}")
             label_names = model_names
-        splits, source = self._source_splits()
+        splits, source = self._source_splits(stage)
         self.splits, self.label_names = resolve_labels(splits, label_names, source)
         if model is not None and model_names is None and self.label_names is not None \
                 and hasattr(model, "label_names"):
@@ -574,19 +635,32 @@ class LargeImageDataModule(LightningDataModule):
             raise DataValidationError(f"{source}: {len(self.label_names)} class names {self.label_names} but the "
                                       f"model has num_classes={num_classes}")
         wanted = _STAGE_SPLITS[stage] if stage in _STAGE_SPLITS else ("train", "val", "test")
+        # Every problem of every split being set up, in one error: a bad label in train must not hide a
+        # missing file in val until the next run.
+        problems: list[str] = []
+        min_size = self._min_size() if self.validate else (1, 1)
         for split in wanted:
             entries = self.splits.get(split)
             if not entries:
                 if split != "val" or stage == "validate":  # validation during fit is optional
-                    raise DataValidationError(
+                    problems.append(
                         f"no '{split}' images in {self.predict_source if split == 'predict' and self.predict_source else source}: "
                         f"give rows with split '{split}' (or the folder {split}/)")
                 continue
             if self.validate:
-                validate_entries(entries, num_classes=num_classes, min_size=self._min_size(), level=self.level,
-                                 mpp=self.mpp, channels=self.channels, require_labels=split != "predict",
-                                 what=f"'{split}' split of {source or self.predict_source}", check=self.check)
-            mask_files = read_mask_column(self.csv) if self.csv is not None else {}
+                found, _ = entry_problems(entries, num_classes=num_classes, min_size=min_size, level=self.level,
+                                          mpp=self.mpp, channels=self.channels, require_labels=split != "predict",
+                                          check=self.check)
+                problems += [f"[{split}] {p}" for p in found]
+        if self.validate:
+            problems += overlap_problems({s: e for s, e in self.splits.items() if s in wanted})
+        if problems:
+            raise DataValidationError(_report(problems, f"the {'/'.join(wanted)} data of {source or self.predict_source}"))
+        mask_files = read_mask_column(self.csv) if self.csv is not None else {}
+        for split in wanted:
+            entries = self.splits.get(split)
+            if not entries:
+                continue
             self.datasets[split] = LargeImageDataset(
                 [p for p, _ in entries], [label for _, label in entries], level=self.level, mpp=self.mpp,
                 augment=self.augment and split == "train", channels=self.channels, lazy=self.lazy,

@@ -185,7 +185,9 @@ def _gib(n: float) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="timm-stream demo", description=__doc__.split("\n\n")[0],
-        epilog="Defaults take a few minutes on 2 CPU cores. Everything is written under --output-dir.")
+        epilog="Writes everything (generated images, logs, checkpoints, the exported model) under --output-dir, "
+               "by default ./timm_stream_demo in the current folder (git-ignored in a checkout); delete it "
+               "afterwards. Defaults take a few minutes on 2 CPU cores.")
     parser.add_argument("--images", type=int, default=32, help="training images (default 32)")
     parser.add_argument("--val-images", type=int, default=16, help="validation images (default 16)")
     parser.add_argument("--size", type=int, default=1024, help="image side in px (default 1024)")
@@ -196,7 +198,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="streaming architecture (default stream_test_resnet; e.g. stream_resnet18)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (one-cycle schedule)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    parser.add_argument("--output-dir", default="timm_stream_demo", help="data, logs, checkpoints, exported model")
+    parser.add_argument("--output-dir", default="timm_stream_demo",
+                        help="where the demo writes its images, logs, checkpoints and exported model "
+                             "(default: ./timm_stream_demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrained", choices=("auto", "never"), default="auto",
                         help="auto: use pretrained weights if they are in the local HF cache (default)")

@@ -26,10 +26,6 @@ __all__ = ["StreamingClassifier", "CHECKPOINT_KEY", "pretrained_weights_cached",
 CHECKPOINT_KEY = "timm_stream"  # the checkpoint entry export reads (model name, kwargs, labels, metrics)
 CHECKPOINT_FORMAT = 1
 
-# The streaming model keeps its norm layers in eval mode on purpose (frozen statistics: batches of huge
-# images are tiny, and a tile must be normalized like the whole image); Lightning's notice about
-# modules in eval mode at the start of training is expected, not a problem.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def check_model_name(model_name: str) -> None:
@@ -166,8 +162,11 @@ class StreamingClassifier(LightningModule):
     # ------------------------------------------------------------------ properties the data module reads
     @property
     def min_input_size(self) -> tuple[int, int]:
-        """Images smaller than the network's total stride have no output position."""
-        return tuple(self.model.streamer.geometry.stride)
+        """The smallest image (height, width) the network turns into an output, found by running it on
+        meta tensors (not its stride: a padded ResNet gives logits for a 16x16 image)."""
+        from .input_size import smallest_input_size
+
+        return smallest_input_size(self.model)
 
     # ------------------------------------------------------------------ forward / steps
     def forward(self, images: Tensor | Sequence[Tensor]) -> Tensor:
@@ -234,6 +233,28 @@ class StreamingClassifier(LightningModule):
             "epoch": trainer.current_epoch if trainer is not None else None,
             "global_step": trainer.global_step if trainer is not None else None,
         })
+
+    # The stream model keeps its norm layers in eval mode on purpose (frozen statistics: batches of huge
+    # images hold one or two images, and a tile must be normalized like the whole image), so Lightning's
+    # "Found N module(s) in eval mode at the start of training" (checked between these two hooks) is
+    # silenced for exactly those modules: an eval-mode module anywhere else still gets the warning.
+    def on_fit_start(self) -> None:
+        modes = {name: m.training for name, m in self.named_modules()}
+        self.train()  # as Lightning has it at the check: the stream model's train() keeps its norms frozen
+        eval_names = [name for name, m in self.named_modules() if not m.training]
+        for name, m in self.named_modules():
+            m.training = modes[name]
+        ours = [n for n in eval_names if n.startswith("model.")]
+        others = [n for n in eval_names if not n.startswith("model.")]
+        if ours and not others:
+            self._eval_notice = warnings.catch_warnings()
+            self._eval_notice.__enter__()
+            warnings.filterwarnings("ignore", message=rf"Found {len(ours)} module\(s\) in eval mode at the start")
+
+    def on_train_start(self) -> None:
+        notice = self.__dict__.pop("_eval_notice", None)
+        if notice is not None:
+            notice.__exit__(None, None, None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.export_info()

@@ -16,6 +16,7 @@ import timm
 from timm.models import generate_default_cfgs, register_model
 
 from ._builder import create_stream_model, stream_name
+from ._source import check_build_arguments, warn_if_untiled
 
 __all__ = ["architectures", "register_all"]
 
@@ -50,7 +51,11 @@ def _mirrored_cfgs(base: str) -> dict:
 
 def _entrypoint(base: str, local_stages: int) -> Callable:
     def entrypoint(pretrained: bool = False, **kwargs):
-        return create_stream_model(base, pretrained, local_stages=local_stages, **kwargs)
+        # timm's "local-dir:"/"hf-hub:" loads arrive here with the parsed config: validate it on this path too
+        check_build_arguments(stream_name(base), pretrained, kwargs)
+        model = create_stream_model(base, pretrained, local_stages=local_stages, **kwargs)
+        warn_if_untiled(model, model.pretrained_cfg)
+        return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = stream_name(base)
     entrypoint.__module__ = __name__
