@@ -258,7 +258,7 @@ def test_csv_encoding_and_header_errors_name_the_csv_and_the_fix(tmp_path):
     for header in ("file,class", "path,class", "path,label,fold", "image,label"):
         (tmp_path / "h.csv").write_text(f"{header}\nx.png,0\n")
         with pytest.raises(DataValidationError, match=r"h.csv, line 1: the header .* does not name the columns "
-                                                      r"path,label\[,split\]; rename them"):
+                                                      r"path,label\[,split\]\[,mask\]; rename them"):
             LargeImageDataModule(csv=str(tmp_path / "h.csv")).setup("fit")
     from timm_stream.lightning.data import read_csv
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from lightning.pytorch import LightningDataModule
 
-from timm_stream.io import ImageReadError, OrientedImage, check_image, is_lazy_image, open_image, tissue_mask
+from timm_stream.io import TIFF_SUFFIXES, ImageReadError, OrientedImage, check_image, is_lazy_image, open_image, tissue_mask
 from timm_stream.io.image import orient
 from timm_stream.io.open import is_slide_file
 from timm_stream.io.pil import decode_pil
@@ -328,7 +328,7 @@ def _split_name(value: str, where: str) -> str:
 
 
 def _looks_like_image_path(cell: str) -> bool:
-    return cell.lower().endswith(IMAGE_SUFFIXES + _TIFF_SUFFIXES)
+    return cell.lower().endswith(IMAGE_SUFFIXES + TIFF_SUFFIXES)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -361,13 +361,14 @@ def read_csv(csv_path: str | os.PathLike) -> dict[str, Entries]:
     if not rows:
         raise DataValidationError(f"{csv_path}: the CSV is empty")
     columns = {"path": 0, "label": 1, "split": 2}
+    known = (*columns, "mask")  # the optional mask column: see read_mask_column
     first = [c.strip().lower() for c in rows[0][1]]
     if not _looks_like_image_path(first[0]):  # a header row: it must name the columns
-        named = [c for c in first if c in columns]
+        named = [c for c in first if c in known]
         if "path" not in named or "label" not in named or len(named) != len(first) or len(set(named)) != len(named):
             raise DataValidationError(
                 f"{csv_path}, line {rows[0][0]}: the header {rows[0][1]} does not name the columns "
-                "path,label[,split]; rename them (e.g. 'path,label,split'), or drop the header row if the "
+                "path,label[,split][,mask]; rename them (e.g. 'path,label,split'), or drop the header row if the "
                 "first row is an image")
         columns = {name: first.index(name) for name in named}
         rows = rows[1:]
@@ -656,7 +657,7 @@ class LargeImageDataModule(LightningDataModule):
             problems += overlap_problems({s: e for s, e in self.splits.items() if s in wanted})
         if problems:
             raise DataValidationError(_report(problems, f"the {'/'.join(wanted)} data of {source or self.predict_source}"))
-        mask_files = read_mask_column(self.csv) if self.csv is not None else {}
+        mask_files = read_mask_column(self.csv) if self.csv is not None and source == self.csv else {}
         for split in wanted:
             entries = self.splits.get(split)
             if not entries:
