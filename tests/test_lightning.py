@@ -149,7 +149,7 @@ def test_fit_few_steps(dataset_dir, tmp_path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         info = ckpt["timm_stream"]
         assert info["model_name"] == "stream_test_resnet" and info["label_names"] == ["negative", "positive"]
-        assert info["model_kwargs"]["tile_size"] == 64 and "val/acc" in info["metrics"]
+        assert tuple(info["model_kwargs"]["tile_size"]) == (64, 64) and "val/acc" in info["metrics"]
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
     restored = StreamingClassifier.load_from_checkpoint(checkpoint.last_model_path, weights_only=True)
     for k, v in model.state_dict().items():

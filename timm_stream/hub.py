@@ -30,9 +30,9 @@ from timm.models import PretrainedCfg
 from timm.models._hub import hf_split, save_for_hf
 from torch import nn
 
-from .engine.streaming import _as_tile_size
+from .engine import normalize_tile_size
 from .models import REGISTERED, STREAM_PREFIX, InputNormalizer, StreamingModelMixin, base_name
-from .models._builder import _check_stream_stages
+from .models import check_stream_stages
 from .models._families import STAGE_REDUCTIONS
 
 __all__ = ["save_pretrained", "push_to_hub", "load_pretrained", "validate_config", "render_model_card",
@@ -274,9 +274,9 @@ def _check_model_args(args: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where} must not contain {reserved}: they are create_model's own parameters")
     try:
         if "tile_size" in args:
-            _as_tile_size(args["tile_size"])
+            normalize_tile_size(args["tile_size"])
         if "stream_stages" in args:
-            _check_stream_stages(args["stream_stages"])
+            check_stream_stages(args["stream_stages"])
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     for key in _BOOL_ARGS:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .errors import StreamingError, TileTooSmallError, TraceError
 from .function import StreamFunction, TileRunner
-from .geometry import AxisGeometry, lcm, min_tile_length
-from .plan import TilePlan, make_plan
+from .geometry import AxisGeometry, PerAxisGeometry, lcm
+from .plan import TilePlan, make_plan, normalize_tile_size
 from .trace import Trace, check_size_independent, trace
 
 __all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "freeze_norm_layers"]
@@ -37,17 +37,6 @@ def freeze_norm_layers(module: nn.Module) -> None:
     for m in module.modules():
         if m.training and is_norm_layer(m):
             m.train(False)
-
-
-def _as_tile_size(tile_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(tile_size, (tuple, list)) and len(tile_size) == 2:
-        pair = tuple(tile_size)
-    else:
-        pair = (tile_size, tile_size)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"tile_size must be a positive int or a pair (height, width) of positive ints, "
-                         f"got {tile_size!r}")
-    return pair  # type: ignore[return-value]
 
 
 def _infer_in_channels(module: nn.Module) -> int | None:
@@ -79,7 +68,7 @@ def _compose(outer: AxisGeometry, inner: AxisGeometry) -> AxisGeometry:
 
 
 @dataclass(frozen=True)
-class StreamGeometry:
+class StreamGeometry(PerAxisGeometry):
     """Size-independent geometry of a streamed module (or of one piece of it).
 
     ``axes``: receptive field of the output per axis (output ``j`` reads input pixels
@@ -90,22 +79,6 @@ class StreamGeometry:
     axes: tuple[AxisGeometry, AxisGeometry]
     align: tuple[int, int]
     size_multiple: tuple[int, int]
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        return (self.axes[0].stride, self.axes[1].stride)
-
-    @property
-    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return (self.axes[0].halo, self.axes[1].halo)
-
-    @property
-    def receptive_field(self) -> tuple[int, int]:
-        return (self.axes[0].size, self.axes[1].size)
-
-    @property
-    def min_tile_size(self) -> tuple[int, int]:
-        return tuple(min_tile_length(self.axes[i], self.align[i], self.size_multiple[i]) for i in range(2))
 
     @staticmethod
     def of_chain(traces: Sequence[Trace], size_multiple: bool) -> "StreamGeometry":
@@ -120,7 +93,7 @@ class StreamGeometry:
 
 
 @dataclass(frozen=True)
-class StreamPlan:
+class StreamPlan(PerAxisGeometry):
     """What streaming an input of ``input_size`` will do: one :class:`TilePlan` per piece.
 
     ``overlap``: activations computed over those of an un-tiled run (1.0: nothing recomputed twice,
@@ -135,16 +108,16 @@ class StreamPlan:
     work: tuple[float, ...]  # activation elements of each piece for this input (un-tiled)
 
     @property
-    def stride(self) -> tuple[int, int]:
-        return self.geometry.stride
+    def axes(self) -> tuple[AxisGeometry, AxisGeometry]:  # the per-axis properties are the geometry's
+        return self.geometry.axes
 
     @property
-    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return self.geometry.halo
+    def align(self) -> tuple[int, int]:
+        return self.geometry.align
 
     @property
-    def receptive_field(self) -> tuple[int, int]:
-        return self.geometry.receptive_field
+    def size_multiple(self) -> tuple[int, int]:
+        return self.geometry.size_multiple
 
     @property
     def num_tiles(self) -> int:
@@ -217,7 +190,7 @@ class StreamingCNN(nn.Module):
         else:
             self._children = [("", module)]
         self.module = module
-        self.tile_size = _as_tile_size(tile_size)
+        self.tile_size = normalize_tile_size(tile_size)
         self.preprocess = preprocess
         self.in_channels = in_channels if in_channels is not None else _infer_in_channels(module)
         if self.in_channels is None:
