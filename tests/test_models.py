@@ -225,6 +225,53 @@ def test_norms_frozen_in_streamed_part_and_tail_by_default():
     assert all(not m.training for m in _norms([m for _, m in split.streamed(2)]))
 
 
+def test_head_dropout_trains_while_its_norm_is_frozen():
+    # ConvNeXt's head class is NormMlpClassifierHead: a container whose name contains "Norm". Only the
+    # LayerNorm inside is a norm; the head's dropout must stay in train mode.
+    model = timm.create_model("stream_convnext_atto", drop_rate=0.5, tile_size=256, num_classes=3)
+    model.train()
+    assert model.head.training and model.head.drop.training and not model.head.norm.training
+    features = torch.randn(2, model.num_features, 3, 3)
+    torch.manual_seed(0)
+    first = model.forward_head(features)
+    second = model.forward_head(features)
+    assert not torch.equal(first, second)  # a fresh dropout mask per call
+    model.eval()
+    assert torch.equal(model.forward_head(features), model.forward_head(features))
+
+
+class _StatsNorm(nn.Module):
+    """A norm by structure only (running statistics, no torch norm class, no "norm" in the name)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        return (x - self.running_mean.view(1, -1, 1, 1)) / self.running_var.view(1, -1, 1, 1).sqrt()
+
+
+class NormalizedDropHead(nn.Module):  # "Norm" in the name, a dropout inside
+    def __init__(self):
+        super().__init__()
+        self.norm, self.stats, self.drop = nn.BatchNorm2d(4), _StatsNorm(4), nn.Dropout(0.5)
+
+
+def test_freezing_reaches_norms_by_type_or_statistics_never_their_containers():
+    from timm_stream.engine import freeze_norm_layers
+    from timm.layers import BatchNormAct2d
+
+    head = NormalizedDropHead().train()
+    norm_act = BatchNormAct2d(4, drop_layer=nn.Dropout).train()
+    for module in (head, norm_act):
+        freeze_norm_layers(module)
+    assert head.training and head.drop.training
+    assert not head.norm.training and not head.stats.training
+    assert not norm_act.training and norm_act.drop.training  # the norm-act's own dropout still trains
+    assert not is_norm_layer(head) and is_norm_layer(head.stats) and not is_norm_layer(nn.Dropout())
+
+
 def test_stochastic_depth_is_disabled_in_the_streamed_part_only():
     model = timm.create_model("stream_test_convnext", tile_size=128, stream_stages=2, drop_path_rate=0.3)
     drops = {name: m.drop_prob for name, m in model.named_modules() if hasattr(m, "drop_prob")}

@@ -27,16 +27,27 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """BatchNorm / LayerNorm / ... including third-party norms named ``*Norm*`` (timm's
-    ``BatchNormAct2d``, ``FrozenBatchNorm2d``, ``LayerNorm2d``)."""
-    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+    """Whether ``module`` is itself a normalization layer: torch's norms (BatchNorm, InstanceNorm and
+    SyncBatchNorm via ``_NormBase``, GroupNorm, LayerNorm, LocalResponseNorm, and their subclasses
+    such as timm's norm-act layers), or any module that is a norm by structure: it owns both
+    ``running_mean`` and ``running_var`` buffers (e.g. a frozen BatchNorm). Decided by type and
+    buffers, never by class name, so a container whose name contains "Norm" (a classifier head
+    holding a norm and a dropout) is not one."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    own = module._buffers  # its own buffers, not those of its children
+    return "running_mean" in own and "running_var" in own
 
 
 def freeze_norm_layers(module: nn.Module) -> None:
-    """Put every normalization layer under ``module`` in eval mode (running statistics stop changing)."""
+    """Put every normalization layer under ``module`` in eval mode (running statistics stop changing).
+
+    Only the norm layers themselves: their children (a norm-act layer's activation or dropout) and
+    their containers keep the mode ``train()`` gave them.
+    """
     for m in module.modules():
         if m.training and is_norm_layer(m):
-            m.train(False)
+            m.training = False  # not .train(False): that would recurse into the layer's children
 
 
 def _infer_in_channels(module: nn.Module) -> int | None:
