@@ -13,7 +13,7 @@ import timm_stream  # noqa: F401 - registers stream_<arch>
 from timm_stream import NonLocalModuleError, TileTooSmallError
 from timm_stream.engine import is_norm_layer
 from timm_stream.models import architectures, split_trunk
-from timm_stream.testing import compare_streaming, randomize_, relative_error
+from timm_stream.testing import assert_several_tiles, compare_streaming, randomize_, relative_error
 
 EXACT = 1e-9
 
@@ -130,6 +130,7 @@ def test_timm_api_matches_the_base(pair):
     model, base = pair
     model.eval(), base.eval()
     x = torch.randn(2, 3, 200, 170)
+    assert_several_tiles(model, x.shape[-2:])
     assert model.num_classes == base.num_classes == 4
     assert model.num_features == base.num_features
     assert model.feature_info == base.feature_info
@@ -150,6 +151,7 @@ def test_reset_classifier_and_backward(pair):
     model = timm.create_model("stream_test_resnet", tile_size=96, num_classes=4)
     model.reset_classifier(7)
     x = torch.randn(1, 3, 180, 150)
+    assert_several_tiles(model, x.shape[-2:])
     out = model(x)
     assert out.shape == (1, 7)
     out.sum().backward()
@@ -177,6 +179,7 @@ def test_grad_checkpointing_applies_to_the_tail_only():
     model = timm.create_model("stream_test_convnext", tile_size=128, num_classes=2, stream_stages=2)
     randomize_(model).double()
     x = torch.randn(1, 3, 150, 140, dtype=torch.float64)
+    assert_several_tiles(model, x.shape[-2:])
     model.eval()
     with torch.no_grad():
         before = model(x)
