@@ -217,6 +217,16 @@ def test_uint8_image_without_normalize_input_names_the_fix():
             model(x)
 
 
+def test_float_image_into_a_normalize_input_model_is_refused():
+    # /255 of a float image in 0..1 (or of uint16 pixels) would be silently wrong
+    model = stream_model(normalize_input=True)
+    for streaming in (True, False):
+        model.streaming = streaming
+        for dtype in (torch.float64, torch.int16):
+            with pytest.raises(TypeError, match=rf"normalize_input=True expects uint8 .*got {dtype}"):
+                model(torch.zeros(1, 3, *SIZE, dtype=dtype))
+
+
 def test_float16_image_into_float32_model_names_both_dtypes():
     model = timm.create_model("stream_test_resnet", tile_size=96, num_classes=3)
     with pytest.raises(StreamingError, match=r"torch\.float16 but the module's parameters are torch\.float32"):

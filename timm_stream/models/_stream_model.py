@@ -43,6 +43,9 @@ class InputNormalizer:
         self._model = model
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8 and not x.is_meta:  # meta: the engine's shape trace, in the model's dtype
+            raise TypeError(f"normalize_input=True expects uint8 images (0..255), got {x.dtype}: pass the uint8 "
+                            "pixels, or create the model without normalize_input and normalize the image yourself")
         if x.shape[1] != len(self.mean):
             raise ValueError(f"normalize_input has {len(self.mean)} channel means and stds but the image has "
                              f"{x.shape[1]} channels")
