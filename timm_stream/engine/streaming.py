@@ -244,10 +244,12 @@ class StreamingCNN(nn.Module):
 
     def _sync(self) -> None:
         """Re-derive geometry and pieces when any module of the streamed tree was replaced since the
-        last call (identity and type of every module, so nested replacements count too): the engine
-        must never run, or plan for, modules that are no longer in the tree."""
+        last call (the identity of every module, so nested replacements count too): the engine must
+        never run, or plan for, modules that are no longer in the tree. The fingerprint holds the
+        modules themselves (compared by identity), so a replaced one cannot be confused with a new
+        one that reuses its memory."""
         children = self._current_children()
-        fingerprint = tuple((name, tuple((id(m), type(m)) for m in child.modules())) for name, child in children)
+        fingerprint = tuple((name, tuple(child.modules())) for name, child in children)
         if fingerprint == self._fingerprint:
             return
         if self._resolve is not None and any(a is not b for (_, a), b in zip(children, self.module)):
