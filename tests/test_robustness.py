@@ -121,6 +121,18 @@ def test_replaced_top_level_child_is_what_streams():
         model(x)
 
 
+def test_replaced_tail_stage_is_what_runs():
+    # the un-tiled tail (stages after stream_stages) is looked up by name too
+    model = stream_model(stream_stages=2)
+    model.layer4 = randomize_(copy.deepcopy(model.layer4), seed=9)
+    base = timm.create_model("test_resnet", num_classes=3).double().eval()
+    base.load_state_dict(model.state_dict())
+    x = image(1, 3, *SIZE)
+    assert_several_tiles(model, SIZE)
+    with torch.no_grad():
+        assert relative_error(model(x), base(x)) <= EXACT
+
+
 def test_convert_sync_batchnorm_reaches_the_streamed_part():
     model = stream_model()
     x = image(1, 3, *SIZE)
