@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from ..engine import StreamingCNN, freeze_norm_layers
@@ -190,8 +191,6 @@ def _input_normalizer(model: nn.Module, streamed: Sequence[tuple[str, nn.Module]
     (``timm.data.resolve_data_config``: the pretrained cfg's, ImageNet's by default), one per input
     channel. A statistic given for one channel is repeated (as timm does); any other count that differs
     from the model's input channels is refused here, with the way to pass the right ones."""
-    from timm.data import resolve_data_config
-
     in_chans = next(m.in_channels for _, part in streamed for m in part.modules() if isinstance(m, nn.Conv2d))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     config = resolve_data_config({}, pretrained_cfg=cfg, model=model)
@@ -200,9 +199,9 @@ def _input_normalizer(model: nn.Module, streamed: Sequence[tuple[str, nn.Module]
     if len(mean) != in_chans or len(std) != in_chans:
         raise ValueError(
             f"normalize_input=True needs one mean and one std per input channel, but the pretrained cfg "
-            f"gives {len(mean)} (mean={mean}, std={std}) for in_chans={in_chans}: pass yours (fractions of "
-            f"255) with pretrained_cfg_overlay=dict(mean=(...), std=(...)) holding {in_chans} values each, "
-            f"or a single value each to use for every channel")
+            f"gives {len(mean)} (mean={mean}, std={std}) for in_chans={in_chans}: pass yours (in 0..1 "
+            f"units, as timm's) with pretrained_cfg_overlay=dict(mean=(...), std=(...)), {in_chans} values "
+            f"each or one value each for every channel")
     return InputNormalizer(mean, std, model)
 
 
