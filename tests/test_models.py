@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from huggingface_hub import constants
+from huggingface_hub import constants, file_download
 from safetensors.torch import save_file
 from torch import nn
 
@@ -340,6 +340,8 @@ def offline_hub(tmp_path, monkeypatch):
     for module in (constants,):
         monkeypatch.setattr(module, "HF_HUB_CACHE", str(cache))
         monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    # huggingface_hub < 0.25 copies the constant into file_download at import
+    monkeypatch.setattr(file_download, "HF_HUB_CACHE", str(cache), raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
