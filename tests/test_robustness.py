@@ -277,3 +277,20 @@ def test_jit_script_and_fx_are_refused_with_the_alternative():
         torch.jit.script(s)
     with pytest.raises(StreamingError, match="cannot be traced with torch.fx"):
         torch.fx.symbolic_trace(s)
+
+
+# ------------------------------------------------------------------ one reading of tile_size
+
+
+@pytest.mark.parametrize("tile_size", [[64.5, 64], (64, True), [0, 64], "64"])
+def test_tile_size_is_read_in_one_place_everywhere(tile_size):
+    from timm_stream.engine import normalize_tile_size
+    from timm_stream.lightning import StreamingClassifier
+
+    with pytest.raises(ValueError, match="tile_size must be a positive int"):
+        normalize_tile_size(tile_size)
+    with pytest.raises(ValueError, match="tile_size must be a positive int"):  # no silent int() in Lightning
+        StreamingClassifier(model_name="stream_test_resnet", tile_size=tile_size)
+    with pytest.raises(ValueError, match="tile_size must be a positive int"):
+        StreamingCNN(nn.Conv2d(3, 4, 3), tile_size)
+    assert normalize_tile_size([64, 80]) == (64, 80) and normalize_tile_size(96) == (96, 96)

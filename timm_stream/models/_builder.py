@@ -49,8 +49,11 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
         tile_size: largest tile in input pixels, int or (h, w) (default 2048, or the architecture's
             minimum if larger).
         stream_stages: stem plus this many stages run streamed (default: ``local_stages``).
-        normalize_input: accept uint8 images (0..255) and normalize each tile with the pretrained
-            cfg's mean/std on the model's device.
+        normalize_input: accept uint8 images (0..255) and normalize each tile with the mean/std that
+            ``timm.data.resolve_data_config`` gives (the pretrained cfg's), on the model's device. One
+            value per input channel (or one for all): for ``in_chans`` other than the cfg's, pass them
+            with ``pretrained_cfg_overlay=dict(mean=..., std=...)``, else ``ValueError``. Images of any
+            other dtype are refused (``TypeError``).
         train_tail_norms: let the norm layers outside the streamed part (tail and head) train
             (default: frozen, since batches of huge images hold one or two images).
         progress: progress bar over tiles.
