@@ -32,8 +32,7 @@ from torch import nn
 
 from .engine import normalize_tile_size
 from .models import REGISTERED, STREAM_PREFIX, InputNormalizer, StreamingModelMixin, base_name
-from .models import check_stream_stages
-from .models._families import STAGE_REDUCTIONS
+from .models import STAGE_REDUCTIONS, check_stream_stages
 
 __all__ = ["save_pretrained", "push_to_hub", "load_pretrained", "validate_config", "render_model_card",
            "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME"]

@@ -1,12 +1,14 @@
 """timm glue: ``stream_<arch>`` models registered in timm's registry (imported by ``timm_stream``)."""
-from ._builder import DEFAULT_TILE_SIZE, STREAM_PREFIX, base_name, check_stream_stages, create_stream_model, stream_name
-from ._families import FAMILY_STEPS, TrunkSplit, split_trunk
+from ._builder import (DEFAULT_TILE_SIZE, STREAM_PREFIX, base_name, check_stream_stages, create_stream_model,
+                       stream_name)
+from ._families import FAMILY_STEPS, STAGE_REDUCTIONS, TrunkSplit, split_trunk
 from ._registry import architectures, register_all
 from ._stream_model import InputNormalizer, StreamingModelMixin
 
 REGISTERED = register_all()
 
 __all__ = [
-    "REGISTERED", "DEFAULT_TILE_SIZE", "STREAM_PREFIX", "FAMILY_STEPS", "TrunkSplit", "InputNormalizer",
-    "StreamingModelMixin", "architectures", "base_name", "check_stream_stages", "create_stream_model", "split_trunk", "stream_name",
+    "REGISTERED", "DEFAULT_TILE_SIZE", "STREAM_PREFIX", "FAMILY_STEPS", "STAGE_REDUCTIONS", "TrunkSplit",
+    "InputNormalizer", "StreamingModelMixin", "architectures", "base_name", "check_stream_stages",
+    "create_stream_model", "split_trunk", "stream_name",
 ]
