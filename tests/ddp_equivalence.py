@@ -6,6 +6,7 @@ this script for rank 1, so it must be a standalone script).
 OUTDIR holds ``data.csv`` (two images of one size, labels 0 and 1). MODE:
   ddp     Trainer(strategy="ddp", accelerator="cpu", devices=2) (gloo), batch_size 1: each process sees
           one image per step; gradients are averaged across the processes.
+  spawn   the same with strategy="ddp_spawn": the model is pickled into the worker processes.
   single  one process, batch_size 2: both images in every step.
   first   one process, only the first image (to show the comparison can fail).
 Two optimization steps (SGD, lr 0.1) from the same seed; rank 0 writes ``params_<MODE>.pt`` with the
@@ -51,8 +52,9 @@ def run(outdir: str, mode: str) -> None:
     csv_path = os.path.join(outdir, "data.csv" if mode != "first" else "first.csv")
     data = LargeImageDataModule(csv=csv_path, batch_size=2 if mode == "single" else 1, num_workers=0,
                                 augment=False)
-    ddp = mode == "ddp"
-    trainer = Trainer(accelerator="cpu", devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
+    ddp = mode in ("ddp", "spawn")
+    strategy = {"ddp": "ddp", "spawn": "ddp_spawn"}.get(mode, "auto")
+    trainer = Trainer(accelerator="cpu", devices=2 if ddp else 1, strategy=strategy,
                       max_steps=STEPS, max_epochs=STEPS, limit_val_batches=0, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[record := RecordStrategy()])

@@ -16,10 +16,11 @@ import pytest
 import timm
 import torch
 import yaml
-from huggingface_hub import HfApi, RepoUrl, constants
+from huggingface_hub import HfApi, RepoUrl, constants, file_download
 
 import timm_stream  # noqa: F401 - registers stream_<arch>
 from timm_stream import load_pretrained, push_to_hub, render_model_card, save_pretrained, validate_config
+from timm_stream.testing import assert_several_tiles, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "stream_test_resnet"
@@ -33,14 +34,10 @@ PICKLES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
 
 
 def _model(**kwargs):
-    """A stream_test_resnet with random weights *and* random BatchNorm statistics (saved as buffers)."""
+    """A stream_test_resnet with every parameter and BatchNorm statistic random (timm zero-initializes
+    the last BN gamma of each block, which would switch residual branches off in a reload check)."""
     model = timm.create_model(ARCH, tile_size=TILE, stream_stages=STAGES, num_classes=3, **kwargs)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_(model).eval()
 
 
 def _forward(model, x):
@@ -58,6 +55,7 @@ def saved(tmp_path_factory, image):
     """(directory, reference output) of one saved model."""
     torch.manual_seed(0)
     model = _model()
+    assert_several_tiles(model, image.shape[-2:])
     directory = tmp_path_factory.mktemp("saved") / "model"
     save_pretrained(model, directory, label_names=LABELS, card=CARD)
     return directory, _forward(model, image)
@@ -72,6 +70,8 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    # huggingface_hub < 0.25 copies the constant into file_download at import
+    monkeypatch.setattr(file_download, "HF_HUB_CACHE", str(cache), raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
 
@@ -123,7 +123,7 @@ def test_streaming_args_saved_without_the_factory_record(tmp_path):
     """timm < 1.0.2x records no factory kwargs (model._model_args): the streaming arguments must still
     reach model_args."""
     model = _model()
-    del model._model_args
+    model.__dict__.pop("_model_args", None)  # absent on such timm versions
     save_pretrained(model, tmp_path)
     args = json.loads((tmp_path / "config.json").read_text())["model_args"]
     assert args["tile_size"] == list(TILE) and args["stream_stages"] == STAGES and args["num_classes"] == 3
@@ -185,6 +185,7 @@ def test_override_tile_size_keeps_outputs(saved, image):
     directory, expected = saved
     model = load_pretrained(directory, tile_size=160)  # a plain path means local-dir
     assert model.tile_size == (160, 160) and model.stream_stages == STAGES
+    assert_several_tiles(model, image.shape[-2:])
     assert torch.equal(_forward(model, image), expected)  # streaming is exact, whatever the tiles
 
 
@@ -196,6 +197,7 @@ def test_hf_hub_reload_from_offline_cache(saved, image, hub_cache, no_unpickling
     assert torch.equal(_forward(model, image), expected)
     model = load_pretrained(f"hf-hub:someone/stream-test@{COMMIT}", tile_size=(128, 160))
     assert model.tile_size == (128, 160)
+    assert_several_tiles(model, image.shape[-2:])
     assert torch.equal(_forward(model, image), expected)
     assert no_unpickling == []
 
@@ -388,7 +390,8 @@ def test_model_card_fields(saved):
 def test_model_card_defaults_and_optional_sections():
     model = timm.create_model("stream_test_convnext", tile_size=128)
     front, body = _front_matter(render_model_card(model))
-    assert front["license"] == model.pretrained_cfg["license"]  # the base weights' license
+    # the base weights' license (older timm cfgs carry none: then "unknown")
+    assert front["license"] == (model.pretrained_cfg.get("license") or "unknown")
     assert "datasets" not in front and "base_model" not in front  # nothing claimed that was not given
     assert "## Training data" not in body and "## Metrics" not in body
     assert "| Streamed stages | stem + 4 of 4 stages |" in body

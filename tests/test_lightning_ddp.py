@@ -19,8 +19,7 @@ sys.path.insert(0, str(HERE))
 import ddp_equivalence  # noqa: E402
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_ddp_two_processes_equal_one_process(tmp_path):
+def _write_data(tmp_path):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(2):
@@ -32,11 +31,19 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     with open(tmp_path / "first.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows[:1])
 
+
+def _run_script(tmp_path, mode):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, str(HERE / "ddp_equivalence.py"), str(tmp_path), "ddp"], env=env,
+    result = subprocess.run([sys.executable, str(HERE / "ddp_equivalence.py"), str(tmp_path), mode], env=env,
                             capture_output=True, text=True, timeout=240, cwd=str(HERE.parent))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    _write_data(tmp_path)
+    _run_script(tmp_path, "ddp")
 
     for mode in ("single", "first"):
         ddp_equivalence.run(str(tmp_path), mode)
@@ -51,3 +58,17 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(ddp["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     # the comparison can fail: a step on one image only lands elsewhere
     assert any(not torch.allclose(first["params"][k], v, rtol=1e-5, atol=1e-6) for k, v in single["params"].items())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_spawn_pickles_the_model_and_trains_like_one_process(tmp_path):
+    """ddp_spawn pickles the LightningModule (and its stream model) into the workers."""
+    _write_data(tmp_path)
+    _run_script(tmp_path, "spawn")  # rank 0's weights come back to the launching process, which saves them
+    ddp_equivalence.run(str(tmp_path), "single")
+    spawn = torch.load(tmp_path / "params_spawn.pt", weights_only=True)
+    single = torch.load(tmp_path / "params_single.pt", weights_only=True)
+    # (the launching process gets rank 0's weights back, not its step counter: the weights tell)
+    assert spawn["world_size"] == 2 and single["global_step"] == ddp_equivalence.STEPS
+    for name, value in single["params"].items():
+        torch.testing.assert_close(spawn["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)

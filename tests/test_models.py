@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from huggingface_hub import constants
+from huggingface_hub import constants, file_download
 from safetensors.torch import save_file
 from torch import nn
 
@@ -13,7 +13,7 @@ import timm_stream  # noqa: F401 - registers stream_<arch>
 from timm_stream import NonLocalModuleError, TileTooSmallError
 from timm_stream.engine import is_norm_layer
 from timm_stream.models import architectures, split_trunk
-from timm_stream.testing import compare_streaming, randomize_, relative_error
+from timm_stream.testing import assert_several_tiles, compare_streaming, randomize_, relative_error
 
 EXACT = 1e-9
 
@@ -135,6 +135,7 @@ def test_timm_api_matches_the_base(pair):
     model, base = pair
     model.eval(), base.eval()
     x = torch.randn(2, 3, 200, 170)
+    assert_several_tiles(model, x.shape[-2:])
     assert model.num_classes == base.num_classes == 4
     assert model.num_features == base.num_features
     assert model.feature_info == base.feature_info
@@ -155,6 +156,7 @@ def test_reset_classifier_and_backward(pair):
     model = timm.create_model("stream_test_resnet", tile_size=96, num_classes=4)
     model.reset_classifier(7)
     x = torch.randn(1, 3, 180, 150)
+    assert_several_tiles(model, x.shape[-2:])
     out = model(x)
     assert out.shape == (1, 7)
     out.sum().backward()
@@ -182,6 +184,7 @@ def test_grad_checkpointing_applies_to_the_tail_only():
     model = timm.create_model("stream_test_convnext", tile_size=128, num_classes=2, stream_stages=2)
     randomize_(model).double()
     x = torch.randn(1, 3, 150, 140, dtype=torch.float64)
+    assert_several_tiles(model, x.shape[-2:])
     model.eval()
     with torch.no_grad():
         before = model(x)
@@ -228,6 +231,53 @@ def test_norms_frozen_in_streamed_part_and_tail_by_default():
     split = split_trunk(trainable)
     assert all(m.training for m in _norms([m for _, m in split.unstreamed(2)]))
     assert all(not m.training for m in _norms([m for _, m in split.streamed(2)]))
+
+
+def test_head_dropout_trains_while_its_norm_is_frozen():
+    # ConvNeXt's head class is NormMlpClassifierHead: a container whose name contains "Norm". Only the
+    # LayerNorm inside is a norm; the head's dropout must stay in train mode.
+    model = timm.create_model("stream_convnext_atto", drop_rate=0.5, tile_size=256, num_classes=3)
+    model.train()
+    assert model.head.training and model.head.drop.training and not model.head.norm.training
+    features = torch.randn(2, model.num_features, 3, 3)
+    torch.manual_seed(0)
+    first = model.forward_head(features)
+    second = model.forward_head(features)
+    assert not torch.equal(first, second)  # a fresh dropout mask per call
+    model.eval()
+    assert torch.equal(model.forward_head(features), model.forward_head(features))
+
+
+class _StatsNorm(nn.Module):
+    """A norm by structure only (running statistics, no torch norm class, no "norm" in the name)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        return (x - self.running_mean.view(1, -1, 1, 1)) / self.running_var.view(1, -1, 1, 1).sqrt()
+
+
+class NormalizedDropHead(nn.Module):  # "Norm" in the name, a dropout inside
+    def __init__(self):
+        super().__init__()
+        self.norm, self.stats, self.drop = nn.BatchNorm2d(4), _StatsNorm(4), nn.Dropout(0.5)
+
+
+def test_freezing_reaches_norms_by_type_or_statistics_never_their_containers():
+    from timm_stream.engine import freeze_norm_layers
+    from timm.layers import BatchNormAct2d
+
+    head = NormalizedDropHead().train()
+    norm_act = BatchNormAct2d(4, drop_layer=nn.Dropout).train()
+    for module in (head, norm_act):
+        freeze_norm_layers(module)
+    assert head.training and head.drop.training
+    assert not head.norm.training and not head.stats.training
+    assert not norm_act.training and norm_act.drop.training  # the norm-act's own dropout still trains
+    assert not is_norm_layer(head) and is_norm_layer(head.stats) and not is_norm_layer(nn.Dropout())
 
 
 def test_stochastic_depth_is_disabled_in_the_streamed_part_only():
@@ -295,6 +345,8 @@ def offline_hub(tmp_path, monkeypatch):
     for module in (constants,):
         monkeypatch.setattr(module, "HF_HUB_CACHE", str(cache))
         monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    # huggingface_hub < 0.25 copies the constant into file_download at import
+    monkeypatch.setattr(file_download, "HF_HUB_CACHE", str(cache), raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache

@@ -29,13 +29,11 @@ import timm
 from timm.models._hub import hf_split, save_for_hf
 from torch import nn
 
-from .engine.streaming import _as_tile_size
 from .models import PICKLE_SUFFIXES as _PICKLE_SUFFIXES
 from .models import WEIGHTS_NAME, InputNormalizer, StreamingModelMixin, base_name, pin_revision, validate_config
 from .models import check_label_names as _check_label_names
 from .models import check_model_args as _check_model_args
-from .models._builder import _check_stream_stages
-from .models._families import STAGE_REDUCTIONS
+from .models import STAGE_REDUCTIONS
 # (validate_config lives with the builder, which timm's own "local-dir:"/"hf-hub:" loads reach too)
 
 __all__ = ["save_pretrained", "push_to_hub", "load_pretrained", "validate_config", "render_model_card",

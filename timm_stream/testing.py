@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["randomize_", "relative_error", "StreamComparison", "compare_streaming"]
+__all__ = ["randomize_", "relative_error", "StreamComparison", "compare_streaming", "assert_several_tiles"]
 
 
 @torch.no_grad()
@@ -42,6 +42,17 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
         elif leaf == "running_var":
             fill(b, torch.rand(b.shape, generator=generator) * 1.5 + 0.5)
     return module
+
+
+def assert_several_tiles(model: nn.Module, input_size, min_tiles: int = 2):
+    """Fail unless streaming ``model`` (a stream model or a ``StreamingCNN``) on an input of
+    ``input_size`` (H, W) cuts its first piece into at least ``min_tiles`` tiles: at one tile a piece
+    runs plainly, and a test of it would prove nothing about tiling. Returns the plan."""
+    plan = model.stream_plan(input_size) if hasattr(model, "stream_plan") else model.plan(input_size)
+    tiles = plan.pieces[0].num_tiles
+    assert tiles >= min_tiles, (f"an input of {tuple(input_size)} is {tiles} tile(s) at tile_size "
+                                f"{plan.pieces[0].tile_size}: use a smaller tile_size or a larger input")
+    return plan
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

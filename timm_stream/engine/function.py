@@ -84,11 +84,13 @@ class TileRunner:
     """Runs ``module`` on the tiles of ``plan``: the forward stitching and the backward recomputation.
 
     ``params`` are the trainable parameters the module uses; the Function returns their gradients.
+    ``watched``: ``(path, tensor)`` of every parameter and buffer the tiles are recomputed from; the
+    Function refuses a backward after any of them was changed in place since forward.
     """
 
     def __init__(self, module: nn.Module, plan: TilePlan, params: Sequence[Tensor], device: torch.device,
                  preprocess: Callable[[Tensor], Tensor] | None = None, progress: bool = False,
-                 keep_last_tile: bool = True):
+                 keep_last_tile: bool = True, watched: Sequence[tuple[str, Tensor]] = ()):
         self.module = module
         self.plan = plan
         self.tiles = plan.tiles
@@ -97,6 +99,7 @@ class TileRunner:
         self.preprocess = preprocess
         self.progress = progress
         self.keep_last_tile = keep_last_tile
+        self.watched = list(watched)
 
     def _load(self, x: Tensor, tile: Tile, requires_grad: bool) -> tuple[Tensor, Tensor]:
         """The tile's raw pixels on the module's device (a leaf if its gradient is wanted) and the
@@ -169,13 +172,43 @@ class StreamFunction(torch.autograd.Function):
         ctx.runner = runner
         ctx.autocast = AutocastState.capture(runner.device.type)
         out, ctx.kept = runner.forward(x, keep_last=True)
-        ctx.save_for_backward(x)
+        # Backward recomputes every tile from these tensors: remember their version counters (what
+        # autograd does for the tensors it saves) to refuse gradients of a function never evaluated.
+        ctx.versions = [(name, t, t._version) for name, t in runner.watched]
+        if x.is_inference():
+            # An inference tensor (made under torch.inference_mode) cannot be saved for backward, and
+            # cannot be changed in place outside inference mode either: keep a plain reference, as
+            # un-tiled autograd needs none for an input that is converted before its first operation.
+            ctx.inference_input = x
+        else:
+            ctx.inference_input = None
+            ctx.save_for_backward(x)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True) / autograd.grad(..., create_graph=True)
+            raise RuntimeError(
+                "double backward (create_graph=True, e.g. a gradient penalty) is not supported through a "
+                "streamed module: streaming recomputes each tile in backward and returns the summed tile "
+                "gradients as constants, so their own gradient would be wrong. Compute such a loss with "
+                "streaming switched off (model.streaming = False, un-tiled) or only on the layers after "
+                "the streamed part")
+        return StreamFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, grad_out: Tensor):
+        for name, tensor, version in ctx.versions:
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: '{name}' ({tensor.dtype}{list(tensor.shape)}) is at version "
+                    f"{tensor._version}; expected version {version} instead. Streaming recomputes tiles in "
+                    f"backward from the current parameters and buffers, so changing them between forward "
+                    f"and backward (optimizer.step(), in-place updates, loading weights) would give the "
+                    f"gradient of a function that was never evaluated: run the forward again after the change")
+        (x,) = ctx.saved_tensors if ctx.inference_input is None else (ctx.inference_input,)
         kept, ctx.kept = ctx.kept, None
         grad_x, grads = ctx.runner.backward(x, grad_out, kept, ctx.needs_input_grad[1], ctx.autocast)
         return (None, grad_x, *grads)

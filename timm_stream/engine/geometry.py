@@ -31,6 +31,7 @@ from .errors import TileTooSmallError
 __all__ = [
     "AxisGeometry",
     "AxisTile",
+    "PerAxisGeometry",
     "TileTooSmallError",
     "conv_output_length",
     "pool_output_length",
@@ -116,6 +117,37 @@ def pool_output_length(length: int, kernel: int, stride: int, padding: int = 0, 
     if ceil_mode and (out - 1) * stride >= length + padding:
         out -= 1
     return out
+
+
+class PerAxisGeometry:
+    """The per-axis properties of anything with ``axes`` (one :class:`AxisGeometry` per spatial
+    axis, rows then columns), ``align`` and ``size_multiple``: written once here, shared by tile
+    plans, stream plans and stream geometries. All values are ``(rows, cols)`` in input pixels."""
+
+    axes: tuple[AxisGeometry, AxisGeometry]
+    align: tuple[int, int]
+    size_multiple: tuple[int, int]
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Total stride of the output per axis."""
+        return (self.axes[0].stride, self.axes[1].stride)
+
+    @property
+    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Extra input pixels (before, after) an inner tile border costs, per axis."""
+        return (self.axes[0].halo, self.axes[1].halo)
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        """Receptive field size of one output position per axis."""
+        return (self.axes[0].size, self.axes[1].size)
+
+    @property
+    def min_tile_size(self) -> tuple[int, int]:
+        """The smallest tile that works anywhere in an image."""
+        return (min_tile_length(self.axes[0], self.align[0], self.size_multiple[0]),
+                min_tile_length(self.axes[1], self.align[1], self.size_multiple[1]))
 
 
 def _floor_to(value: int, multiple: int) -> int:

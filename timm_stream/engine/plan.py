@@ -2,11 +2,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
-from .geometry import AxisGeometry, AxisTile, min_tile_length, overlap_factor, plan_axis
+from .geometry import AxisGeometry, AxisTile, PerAxisGeometry, overlap_factor, plan_axis
 
-__all__ = ["Tile", "TilePlan", "make_plan"]
+__all__ = ["Tile", "TilePlan", "make_plan", "normalize_tile_size"]
+
+
+def normalize_tile_size(tile_size: Any) -> tuple[int, int]:
+    """The one reading of a ``tile_size`` argument: a positive int (square tiles) or a pair
+    ``(height, width)`` of positive ints (list or tuple), in input pixels. Returns ``(height, width)``.
+
+    Raises ``ValueError`` for anything else (bools, floats, strings, zero, negative values, other
+    lengths), naming the value received.
+    """
+    if isinstance(tile_size, (tuple, list)) and len(tile_size) == 2:
+        pair = tuple(tile_size)
+    else:
+        pair = (tile_size, tile_size)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"tile_size must be a positive int or a pair (height, width) of positive ints, "
+                         f"got {tile_size!r}")
+    return (int(pair[0]), int(pair[1]))
 
 
 @dataclass(frozen=True)
@@ -33,7 +50,7 @@ class Tile:
 
 
 @dataclass(frozen=True)
-class TilePlan:
+class TilePlan(PerAxisGeometry):
     """How an input of ``input_size`` is cut into tiles for a module of the given geometry.
 
     ``stride``: total stride of the output; ``halo``: extra input pixels a tile needs (before, after)
@@ -66,24 +83,8 @@ class TilePlan:
         return (len(self.rows), len(self.cols))
 
     @property
-    def stride(self) -> tuple[int, int]:
-        return (self.axes[0].stride, self.axes[1].stride)
-
-    @property
-    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return (self.axes[0].halo, self.axes[1].halo)
-
-    @property
-    def receptive_field(self) -> tuple[int, int]:
-        return (self.axes[0].size, self.axes[1].size)
-
-    @property
     def overlap(self) -> float:
         return overlap_factor((self.rows, self.cols), self.input_size)
-
-    @property
-    def min_tile_size(self) -> tuple[int, int]:
-        return tuple(min_tile_length(self.axes[i], self.align[i], self.size_multiple[i]) for i in range(2))
 
     @property
     def largest_tile(self) -> tuple[int, int]:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .errors import StreamingError, TileTooSmallError, TraceError
 from .function import StreamFunction, TileRunner
-from .geometry import AxisGeometry, lcm, min_tile_length
-from .plan import TilePlan, make_plan
+from .geometry import AxisGeometry, PerAxisGeometry, lcm
+from .plan import TilePlan, make_plan, normalize_tile_size
 from .trace import Trace, check_size_independent, trace
 
 __all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "freeze_norm_layers"]
@@ -27,27 +27,27 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """BatchNorm / LayerNorm / ... including third-party norms named ``*Norm*`` (timm's
-    ``BatchNormAct2d``, ``FrozenBatchNorm2d``, ``LayerNorm2d``)."""
-    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+    """Whether ``module`` is itself a normalization layer: torch's norms (BatchNorm, InstanceNorm and
+    SyncBatchNorm via ``_NormBase``, GroupNorm, LayerNorm, LocalResponseNorm, and their subclasses
+    such as timm's norm-act layers), or any module that is a norm by structure: it owns both
+    ``running_mean`` and ``running_var`` buffers (e.g. a frozen BatchNorm). Decided by type and
+    buffers, never by class name, so a container whose name contains "Norm" (a classifier head
+    holding a norm and a dropout) is not one."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    own = module._buffers  # its own buffers, not those of its children
+    return "running_mean" in own and "running_var" in own
 
 
 def freeze_norm_layers(module: nn.Module) -> None:
-    """Put every normalization layer under ``module`` in eval mode (running statistics stop changing)."""
+    """Put every normalization layer under ``module`` in eval mode (running statistics stop changing).
+
+    Only the norm layers themselves: their children (a norm-act layer's activation or dropout) and
+    their containers keep the mode ``train()`` gave them.
+    """
     for m in module.modules():
         if m.training and is_norm_layer(m):
-            m.train(False)
-
-
-def _as_tile_size(tile_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(tile_size, (tuple, list)) and len(tile_size) == 2:
-        pair = tuple(tile_size)
-    else:
-        pair = (tile_size, tile_size)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"tile_size must be a positive int or a pair (height, width) of positive ints, "
-                         f"got {tile_size!r}")
-    return pair  # type: ignore[return-value]
+            m.training = False  # not .train(False): that would recurse into the layer's children
 
 
 def _infer_in_channels(module: nn.Module) -> int | None:
@@ -79,7 +79,7 @@ def _compose(outer: AxisGeometry, inner: AxisGeometry) -> AxisGeometry:
 
 
 @dataclass(frozen=True)
-class StreamGeometry:
+class StreamGeometry(PerAxisGeometry):
     """Size-independent geometry of a streamed module (or of one piece of it).
 
     ``axes``: receptive field of the output per axis (output ``j`` reads input pixels
@@ -90,22 +90,6 @@ class StreamGeometry:
     axes: tuple[AxisGeometry, AxisGeometry]
     align: tuple[int, int]
     size_multiple: tuple[int, int]
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        return (self.axes[0].stride, self.axes[1].stride)
-
-    @property
-    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return (self.axes[0].halo, self.axes[1].halo)
-
-    @property
-    def receptive_field(self) -> tuple[int, int]:
-        return (self.axes[0].size, self.axes[1].size)
-
-    @property
-    def min_tile_size(self) -> tuple[int, int]:
-        return tuple(min_tile_length(self.axes[i], self.align[i], self.size_multiple[i]) for i in range(2))
 
     @staticmethod
     def of_chain(traces: Sequence[Trace], size_multiple: bool) -> "StreamGeometry":
@@ -120,7 +104,7 @@ class StreamGeometry:
 
 
 @dataclass(frozen=True)
-class StreamPlan:
+class StreamPlan(PerAxisGeometry):
     """What streaming an input of ``input_size`` will do: one :class:`TilePlan` per piece.
 
     ``overlap``: activations computed over those of an un-tiled run (1.0: nothing recomputed twice,
@@ -135,16 +119,16 @@ class StreamPlan:
     work: tuple[float, ...]  # activation elements of each piece for this input (un-tiled)
 
     @property
-    def stride(self) -> tuple[int, int]:
-        return self.geometry.stride
+    def axes(self) -> tuple[AxisGeometry, AxisGeometry]:  # the per-axis properties are the geometry's
+        return self.geometry.axes
 
     @property
-    def halo(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return self.geometry.halo
+    def align(self) -> tuple[int, int]:
+        return self.geometry.align
 
     @property
-    def receptive_field(self) -> tuple[int, int]:
-        return self.geometry.receptive_field
+    def size_multiple(self) -> tuple[int, int]:
+        return self.geometry.size_multiple
 
     @property
     def num_tiles(self) -> int:
@@ -176,6 +160,7 @@ class _Piece:
 
     def __init__(self, names: Sequence[str], modules: Sequence[nn.Module]):
         self.names = list(names)
+        self.modules = list(modules)
         self.module = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
         self.label = self.names[0] if len(self.names) == 1 else f"{self.names[0]}..{self.names[-1]}"
 
@@ -200,6 +185,15 @@ class StreamingCNN(nn.Module):
         progress: show a progress bar over tiles.
         keep_last_tile: keep the last tile's graph from forward to backward instead of recomputing it
             (final piece only, so that memory stays about one tile).
+        resolve: maps a part's name to the module that runs it *now* (e.g. ``owner.get_submodule`` of
+            the model that owns named parts). Without it the parts are looked up in ``self.module``.
+            Either way every call runs the modules in the tree at that moment: replacing a part
+            (``SyncBatchNorm.convert_sync_batchnorm``, model surgery, fusing) re-derives the geometry.
+
+    Refused with a clear error: an input that is not floating point without ``preprocess`` (integer
+    pixels cannot enter a convolution), a floating input whose dtype differs from the parameters' outside
+    autocast, parameters or buffers changed in place between forward and backward (a ``RuntimeError``
+    like autograd's), double backward (``create_graph=True``), ``torch.jit.script`` and ``torch.fx``.
 
     ``streaming = False`` runs the same module un-tiled. Norm layers inside stay in eval mode whatever
     ``train()`` says. ``plan(size)`` shows the tiling for an input size before anything runs.
@@ -207,17 +201,26 @@ class StreamingCNN(nn.Module):
 
     def __init__(self, module: nn.Module | Sequence[tuple[str, nn.Module]], tile_size: int | Sequence[int], *,
                  preprocess: Callable[[Tensor], Tensor] | None = None, in_channels: int | None = None,
-                 stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True):
+                 stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True,
+                 resolve: Callable[[str], nn.Module] | None = None):
         super().__init__()
+        # How the parts are found at each call (see _current_children): by name through `resolve`, by
+        # position in self.module ("parts"), as self.module's children ("sequential"), or self.module.
+        self._resolve = resolve
         if isinstance(module, (list, tuple)):  # named consecutive parts: names are used in messages
             self._children = [(str(name), part) for name, part in module]
             module = nn.Sequential(*[part for _, part in self._children])
+            self._layout = "parts"
         elif isinstance(module, nn.Sequential) and len(module) > 0:
             self._children = list(module.named_children())
+            self._layout = "sequential"
         else:
             self._children = [("", module)]
+            self._layout = "module"
+        self._names = [name for name, _ in self._children]
+        self._stitch = stitch
         self.module = module
-        self.tile_size = _as_tile_size(tile_size)
+        self.tile_size = normalize_tile_size(tile_size)
         self.preprocess = preprocess
         self.in_channels = in_channels if in_channels is not None else _infer_in_channels(module)
         if self.in_channels is None:
@@ -226,9 +229,50 @@ class StreamingCNN(nn.Module):
         self.keep_last_tile = keep_last_tile
         self.streaming = True
         self._chains: dict[tuple, list[Trace]] = {}
+        self._fingerprint: tuple | None = None
+        self._sync()
+
+    # ------------------------------------------------------------------ the modules in the tree now
+    def _current_children(self) -> list[tuple[str, nn.Module]]:
+        if self._resolve is not None:
+            return [(name, self._resolve(name)) for name in self._names]
+        if self._layout == "sequential":
+            return list(self.module.named_children())
+        if self._layout == "parts":
+            return [(name, part) for name, part in zip(self._names, self.module)]
+        return [("", self.module)]
+
+    def _sync(self) -> None:
+        """Re-derive geometry and pieces when any module of the streamed tree was replaced since the
+        last call (the identity of every module, so nested replacements count too): the engine must
+        never run, or plan for, modules that are no longer in the tree. The fingerprint holds the
+        modules themselves (compared by identity), so a replaced one cannot be confused with a new
+        one that reuses its memory."""
+        children = self._current_children()
+        fingerprint = tuple((name, tuple(child.modules())) for name, child in children)
+        if fingerprint == self._fingerprint:
+            return
+        if self._resolve is not None and any(a is not b for (_, a), b in zip(children, self.module)):
+            self.module = nn.Sequential(*[child for _, child in children])
+        self._children = children
+        self._chains = {}
         freeze_norm_layers(self.module)
         self._derive_geometry()
-        self._make_pieces(stitch)
+        self._make_pieces(self._stitch)
+        self._fingerprint = fingerprint
+
+    def __getstate__(self) -> dict:
+        # Pickles (ddp_spawn, torch.save(model)) carry modules and settings, not traces: the geometry is
+        # re-derived from the unpickled modules at the first call.
+        state = dict(self.__dict__)
+        state.update(_chains={}, _reference=None, _fingerprint=None)
+        return state
+
+    def __prepare_scriptable__(self):
+        raise StreamingError(
+            "StreamingCNN cannot be scripted with torch.jit.script: it runs its module tile by tile in a "
+            "Python loop whose tiles depend on the input size, inside a custom autograd Function. Script "
+            "or export the module it streams (`.module`) instead; it computes the same function un-tiled")
 
     # ------------------------------------------------------------------ geometry
     def _trace_chain(self, height: int, width: int, dtype: torch.dtype | None = None,
@@ -332,6 +376,7 @@ class StreamingCNN(nn.Module):
         """What streaming an input of ``input_size`` (H, W) does: tiles per piece, number of tiles,
         overlap, output size, stride and halo. Runs nothing but a shape trace."""
         height, width = int(input_size[0]), int(input_size[1])
+        self._sync()
         chain = self._chain_for(height, width, dtype or _module_dtype(self.module), channels or self.in_channels)
         work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in self._bounds)
         pieces: list[TilePlan] = []
@@ -364,11 +409,33 @@ class StreamingCNN(nn.Module):
         x = x.to(device)
         return self.preprocess(x) if self.preprocess is not None else x
 
+    def _check_input(self, x: Tensor, device: torch.device) -> None:
+        if self.preprocess is not None:
+            return
+        dtype = _module_dtype(self.module)
+        if not x.is_floating_point():
+            raise StreamingError(
+                f"the input is {x.dtype} but this module computes in {dtype} and has no per-tile "
+                f"preprocess: create the stream model with normalize_input=True (uint8 images), give "
+                f"StreamingCNN preprocess= (e.g. lambda t: t.to({dtype}) / 255), or convert the image first")
+        has_float_params = any(p.is_floating_point() for p in self.module.parameters())
+        if has_float_params and x.dtype != dtype and not torch.is_autocast_enabled(device.type):
+            raise StreamingError(
+                f"the input is {x.dtype} but the module's parameters are {dtype}: convert the image "
+                f"(x.to({dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
+
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            raise StreamingError(
+                "a streamed module cannot be traced with torch.fx: the number of tiles depends on the "
+                "input size and they run in a Python loop inside a custom autograd Function. Trace the "
+                "un-tiled network instead (the base model, or StreamingCNN.module)")
         if x.dim() != 4:
             raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
+        self._sync()
         freeze_norm_layers(self.module)
         device = _module_device(self.module)
+        self._check_input(x, device)
         if not self.streaming:
             return self.module(self._prepare(x, device))
         plan = self.plan(x.shape[-2:], x.dtype, x.shape[1])
@@ -382,12 +449,23 @@ class StreamingCNN(nn.Module):
             # Only the final piece keeps its last tile: nothing but the caller's head runs before its
             # backward, so the kept graph never coexists with another piece's activations.
             keep = self.keep_last_tile and index == len(self._pieces) - 1
-            runner = TileRunner(piece.module, piece_plan, params, device, preprocess, self.progress, keep)
+            runner = TileRunner(piece.module, piece_plan, params, device, preprocess, self.progress, keep,
+                                watched=self._watched(piece))
             if needs_grad and (x.requires_grad or params):
                 x = StreamFunction.apply(runner, x, *params)
             else:
                 x = runner.forward(x, keep_last=False)[0]
         return x
+
+    @staticmethod
+    def _watched(piece: "_Piece") -> list[tuple[str, Tensor]]:
+        """Every parameter and buffer a piece's tiles are recomputed from, with its path."""
+        watched = []
+        for name, child in zip(piece.names, piece.modules):
+            prefix = f"{name}." if name else ""
+            watched += [(prefix + n, t) for n, t in child.named_parameters()]
+            watched += [(prefix + n, t) for n, t in child.named_buffers()]
+        return watched
 
     def extra_repr(self) -> str:
         g = self.geometry

@@ -13,6 +13,8 @@ import timm
 import torch
 from torch import nn
 
+from timm_stream.engine import normalize_tile_size
+
 from .module import CHECKPOINT_KEY
 
 __all__ = ["load_checkpoint", "model_from_checkpoint", "card_from_info", "export_checkpoint"]
@@ -44,8 +46,8 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str,
     checkpoint = load_checkpoint(path)
     info = checkpoint[CHECKPOINT_KEY]
     kwargs = dict(info["model_kwargs"])
-    if isinstance(kwargs.get("tile_size"), list):
-        kwargs["tile_size"] = tuple(kwargs["tile_size"])
+    if "tile_size" in kwargs:  # saved as a list or a pair
+        kwargs["tile_size"] = normalize_tile_size(kwargs["tile_size"])
     model = timm.create_model(info["model_name"], pretrained=False, **kwargs)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

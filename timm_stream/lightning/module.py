@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 import timm_stream  # noqa: F401 - registers the stream_<arch> models
+from timm_stream.engine import normalize_tile_size
 
 __all__ = ["StreamingClassifier", "CHECKPOINT_KEY", "pretrained_weights_cached", "check_model_name"]
 
@@ -126,8 +127,7 @@ class StreamingClassifier(LightningModule):
         self.label_names = list(label_names) if label_names is not None else None
         self.pretrained = pretrained
         kwargs = dict(model_kwargs or {})
-        if isinstance(tile_size, (list, tuple)):
-            tile_size = tuple(int(v) for v in tile_size)
+        tile_size = normalize_tile_size(tile_size)  # a YAML list, an int or a pair: one (h, w) form
         kwargs.update(num_classes=num_classes, tile_size=tile_size, global_pool=global_pool, normalize_input=True,
                       progress=tile_progress)
         if stream_stages is not None:

@@ -13,7 +13,8 @@ from ..engine import TileTooSmallError
 from ._families import STAGE_REDUCTIONS, split_trunk
 from ._stream_model import make_streaming
 
-__all__ = ["STREAM_PREFIX", "DEFAULT_TILE_SIZE", "create_stream_model", "stream_name", "base_name"]
+__all__ = ["STREAM_PREFIX", "DEFAULT_TILE_SIZE", "create_stream_model", "stream_name", "base_name",
+           "check_stream_stages"]
 
 _logger = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ def base_name(stream: str) -> str:
     return stream[len(STREAM_PREFIX):]
 
 
-def _check_stream_stages(value: Any) -> int:
+def check_stream_stages(value: Any) -> int:
+    """``value`` if it is a stage count (an int from 0 to 4), else ``ValueError`` naming the range."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= len(STAGE_REDUCTIONS):
         raise ValueError(f"stream_stages must be an int from 0 to {len(STAGE_REDUCTIONS)}, got {value!r}")
     return value
@@ -47,8 +49,11 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
         tile_size: largest tile in input pixels, int or (h, w) (default 2048, or the architecture's
             minimum if larger).
         stream_stages: stem plus this many stages run streamed (default: ``local_stages``).
-        normalize_input: accept uint8 images (0..255) and normalize each tile with the pretrained
-            cfg's mean/std on the model's device.
+        normalize_input: accept uint8 images (0..255) and normalize each tile with the mean/std that
+            ``timm.data.resolve_data_config`` gives (the pretrained cfg's), on the model's device. One
+            value per input channel (or one for all): for ``in_chans`` other than the cfg's, pass them
+            with ``pretrained_cfg_overlay=dict(mean=..., std=...)``, else ``ValueError``. Images of any
+            other dtype are refused (``TypeError``).
         train_tail_norms: let the norm layers outside the streamed part (tail and head) train
             (default: frozen, since batches of huge images hold one or two images).
         progress: progress bar over tiles.
@@ -60,7 +65,7 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
             f"features_only=True is not supported by {stream_name(base)}: timm would build a feature "
             "network from the base model's children and silently run it un-tiled. Use "
             "model.forward_features(x) for the streamed feature map.")
-    stream_stages = local_stages if stream_stages is None else _check_stream_stages(stream_stages)
+    stream_stages = local_stages if stream_stages is None else check_stream_stages(stream_stages)
     # The registered stream cfgs mirror the base's; an unregistered base (being checked) uses its own.
     registered = is_model(stream_name(base))
     cfg = resolve_pretrained_cfg(stream_name(base) if registered else base,

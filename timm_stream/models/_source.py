@@ -19,8 +19,8 @@ from typing import Any
 
 from timm.models import PretrainedCfg
 
-from ..engine.streaming import _as_tile_size
-from ._builder import DEFAULT_TILE_SIZE, STREAM_PREFIX, _check_stream_stages
+from ..engine import normalize_tile_size
+from ._builder import DEFAULT_TILE_SIZE, STREAM_PREFIX, check_stream_stages
 
 __all__ = ["validate_config", "check_model_args", "check_label_names", "check_build_arguments",
            "warn_if_untiled", "pin_revision", "STREAM_ARGS", "RESERVED_ARGS", "WEIGHTS_NAME", "PICKLE_SUFFIXES",
@@ -129,9 +129,9 @@ def check_model_args(args: Mapping[str, Any], where: str) -> None:
                          "parameters, not model arguments; remove them")
     try:
         if "tile_size" in args:
-            _as_tile_size(args["tile_size"])
+            normalize_tile_size(args["tile_size"])
         if "stream_stages" in args:
-            _check_stream_stages(args["stream_stages"])
+            check_stream_stages(args["stream_stages"])
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     for key in _BOOL_ARGS:

@@ -3,20 +3,36 @@
 :func:`make_streaming` turns a built timm model into its streaming variant in place: its class becomes
 a subclass of its own class with :class:`StreamingModelMixin` in front, so the state dict, the module
 tree and every method but ``forward_features`` (and the mode/checkpointing switches) are the base
-model's. The :class:`~timm_stream.engine.StreamingCNN` that runs the streamed prefix only *refers* to
-the model's modules; it is kept out of the module tree so that no parameter appears twice.
+model's. The :class:`~timm_stream.engine.StreamingCNN` that runs the streamed prefix is kept out of the
+module tree so that no parameter appears twice; it finds the model's modules *by name* at every call, so
+replacing one (``SyncBatchNorm.convert_sync_batchnorm``, surgery, fusing) takes effect.
+
+The runtime class ``Streaming<Base>`` is made on the fly, so instances pickle through
+:func:`rebuild_streaming_model` (a module-level function, addressable by name) and the base class.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from ..engine import StreamingCNN, freeze_norm_layers
 from ._families import TrunkSplit
 
-__all__ = ["StreamingModelMixin", "InputNormalizer", "make_streaming"]
+__all__ = ["StreamingModelMixin", "InputNormalizer", "SubmoduleOf", "make_streaming", "rebuild_streaming_model"]
+
+
+class SubmoduleOf:
+    """``resolve`` for :class:`~timm_stream.engine.StreamingCNN`: the submodule of ``root`` at a dotted
+    path, looked up at each call (a plain class, so that it pickles with the model)."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+
+    def __call__(self, name: str) -> nn.Module:
+        return self.root.get_submodule(name)
 
 
 class InputNormalizer:
@@ -28,6 +44,15 @@ class InputNormalizer:
         self._model = model
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8 and not x.is_meta:  # meta: the engine's shape trace, in the model's dtype
+            raise TypeError(f"normalize_input=True expects uint8 images (0..255), got {x.dtype}: pass the uint8 "
+                            "pixels, or create the model without normalize_input and normalize the image yourself")
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f"normalize_input has {len(self.mean)} channel means and stds but the image has "
+                             f"{x.shape[1]} channels")
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
         dtype = next(self._model.parameters()).dtype
         shape = (1, -1, 1, 1)
         mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(shape)
@@ -69,10 +94,31 @@ class StreamingModelMixin:
         """What streaming an image of ``input_size`` (H, W) does: tiles, overlap, stride, halo."""
         return self._streamer.plan(input_size)
 
+    def _now(self, steps: Sequence[tuple[str, nn.Module]]) -> list[nn.Module]:
+        """The modules at these steps' paths in the tree now (they may have been replaced)."""
+        return [self.get_submodule(name) for name, _ in steps]  # type: ignore[attr-defined]
+
+    # ---------------------------------------------------------------- pickling, scripting, fx
+    def __reduce_ex__(self, protocol):
+        # pickle would look up the runtime class by name and fail; rebuild it from its base instead.
+        return (rebuild_streaming_model, (self._stream_base,), self.__getstate__())
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be scripted with torch.jit.script: its streamed part runs tiles "
+            "in a Python loop whose count depends on the input size, inside a custom autograd Function. "
+            "Script the base timm model instead (timm.create_model(<base name>), then "
+            "load_state_dict(model.state_dict()): the keys are the same)")
+
     # ---------------------------------------------------------------- timm model API
     def forward_features(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be traced with torch.fx: its streamed part runs tiles in a "
+                "Python loop whose count depends on the input size. Trace the base timm model instead "
+                "(timm.create_model(<base name>), then load_state_dict(model.state_dict()))")
         x = self._streamer(x)
-        tail = [module for _, module in self._split.unstreamed(self.stream_stages)]
+        tail = self._now(self._split.unstreamed(self.stream_stages))
         if getattr(self, "_tail_checkpointing", False) and torch.is_grad_enabled():
             from timm.models import checkpoint_seq
             return checkpoint_seq(tail, x)
@@ -88,18 +134,18 @@ class StreamingModelMixin:
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of the un-tiled tail (the streamed part never keeps activations)."""
         super().set_grad_checkpointing(enable)  # type: ignore[misc]
-        for _, module in self._split.streamed(self.stream_stages):
+        for module in self._now(self._split.streamed(self.stream_stages)):
             for m in module.modules():
                 if hasattr(m, "grad_checkpointing"):
                     m.grad_checkpointing = False
-        tail = [module for _, module in self._split.unstreamed(self.stream_stages)]
+        tail = self._now(self._split.unstreamed(self.stream_stages))
         own = any(hasattr(m, "grad_checkpointing") for module in tail for m in module.modules())
         self._tail_checkpointing = enable and not own  # tail stages that checkpoint themselves need no help
 
     def train(self, mode: bool = True):
         super().train(mode)  # type: ignore[misc]
         if self.train_tail_norms:
-            for _, module in self._split.streamed(self.stream_stages):
+            for module in self._now(self._split.streamed(self.stream_stages)):
                 freeze_norm_layers(module)
         else:  # the un-tiled rest, head included: batches of huge images hold one or two images
             freeze_norm_layers(self)  # type: ignore[arg-type]
@@ -112,9 +158,17 @@ _CLASSES: dict[type, type] = {}
 def _streaming_class(base: type) -> type:
     cls = _CLASSES.get(base)
     if cls is None:
-        cls = type(f"Streaming{base.__name__}", (StreamingModelMixin, base), {"__module__": __name__})
+        cls = type(f"Streaming{base.__name__}", (StreamingModelMixin, base),
+                   {"__module__": __name__, "_stream_base": base})
         _CLASSES[base] = cls
     return cls
+
+
+def rebuild_streaming_model(base: type) -> nn.Module:
+    """An empty instance of ``Streaming<base>`` for pickle to fill with the pickled state (the
+    inverse of ``StreamingModelMixin.__reduce_ex__``)."""
+    cls = _streaming_class(base)
+    return cls.__new__(cls)
 
 
 def _disable_stochastic(modules: Sequence[nn.Module]) -> list[str]:
@@ -132,6 +186,25 @@ def _disable_stochastic(modules: Sequence[nn.Module]) -> list[str]:
     return disabled
 
 
+def _input_normalizer(model: nn.Module, streamed: Sequence[tuple[str, nn.Module]]) -> InputNormalizer:
+    """The per-tile normalization with the mean/std that timm's own data config resolves for this model
+    (``timm.data.resolve_data_config``: the pretrained cfg's, ImageNet's by default), one per input
+    channel. A statistic given for one channel is repeated (as timm does); any other count that differs
+    from the model's input channels is refused here, with the way to pass the right ones."""
+    in_chans = next(m.in_channels for _, part in streamed for m in part.modules() if isinstance(m, nn.Conv2d))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    config = resolve_data_config({}, pretrained_cfg=cfg, model=model)
+    mean, std = tuple(config["mean"]), tuple(config["std"])
+    mean, std = (mean * in_chans if len(mean) == 1 else mean), (std * in_chans if len(std) == 1 else std)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(
+            f"normalize_input=True needs one mean and one std per input channel, but the pretrained cfg "
+            f"gives {len(mean)} (mean={mean}, std={std}) for in_chans={in_chans}: pass yours (in 0..1 "
+            f"units, as timm's) with pretrained_cfg_overlay=dict(mean=(...), std=(...)), {in_chans} values "
+            f"each or one value each for every channel")
+    return InputNormalizer(mean, std, model)
+
+
 def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile_size, *,
                    normalize_input: bool = False, train_tail_norms: bool = False,
                    progress: bool = False) -> nn.Module:
@@ -139,10 +212,8 @@ def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile
     _disable_stochastic([m for _, m in streamed])
     preprocess = None
     if normalize_input:
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        preprocess = InputNormalizer(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)),
-                                     model)
-    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress)
+        preprocess = _input_normalizer(model, streamed)
+    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model))
     model.__class__ = _streaming_class(type(model))
     # Held outside the module tree: every parameter keeps its one, base-model name.
     object.__setattr__(model, "_streamer", streamer)
