@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,16 @@ class StreamPlan:
     pieces: tuple[TilePlan, ...]
     piece_names: tuple[str, ...]
     work: tuple[float, ...]  # activation elements of each piece for this input (un-tiled)
+    # (C, H, W) and bytes per image of each piece's stitched output map: kept from forward to backward
+    # (the final one is the output itself), and backward holds a gradient of the same size for each.
+    maps: tuple[tuple[int, ...], ...] = ()
+    map_bytes: tuple[int, ...] = ()
+
+    @property
+    def stitched_bytes(self) -> int:
+        """Bytes per image of the stitched maps between pieces (the final output not counted); backward
+        adds a gradient of the same size for each."""
+        return sum(self.map_bytes[:-1])
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -165,8 +175,15 @@ class StreamPlan:
         (h, w), (oh, ow) = self.input_size, self.output_size
         lines = [f"StreamPlan({h}x{w} -> {oh}x{ow}, stride {self.stride}, receptive field "
                  f"{self.receptive_field}, {self.num_tiles} tiles, overlap {self.overlap:.3f})"]
-        for name, piece in zip(self.piece_names, self.pieces):
-            lines.append(f"  [{name}] {piece}")
+        for index, (name, piece) in enumerate(zip(self.piece_names, self.pieces)):
+            line = f"  [{name}] {piece}"
+            if index < len(self.map_bytes):
+                c, mh, mw = self.maps[index]
+                line += f" -> stitched map {c}x{mh}x{mw}, {self.map_bytes[index] / 2**20:.1f} MiB per image"
+            lines.append(line)
+        if len(self.map_bytes) > 1:
+            lines.append(f"  stitched maps between pieces: {self.stitched_bytes / 2**20:.1f} MiB per image, "
+                         "kept from forward to backward (plus a gradient of the same size in backward)")
         return "\n".join(lines)
 
 
@@ -198,6 +215,10 @@ class StreamingCNN(nn.Module):
             at most twice the input's elements; it cuts the recomputation that large receptive
             fields cause), ``"none"``, or names.
         progress: show a progress bar over tiles.
+        outputs: children whose stitched output maps :meth:`forward_pieces` must yield (multi-scale
+            features): each ends a piece whatever ``stitch`` says. A child not named here is stitched
+            only where ``stitch`` puts a cut. Each such map costs its size (plus its gradient in
+            backward); ``plan(size)`` lists them.
         keep_last_tile: keep the last tile's graph from forward to backward instead of recomputing it
             (final piece only, so that memory stays about one tile).
 
@@ -207,7 +228,8 @@ class StreamingCNN(nn.Module):
 
     def __init__(self, module: nn.Module | Sequence[tuple[str, nn.Module]], tile_size: int | Sequence[int], *,
                  preprocess: Callable[[Tensor], Tensor] | None = None, in_channels: int | None = None,
-                 stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True):
+                 stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True,
+                 outputs: Sequence[str] = ()):
         super().__init__()
         if isinstance(module, (list, tuple)):  # named consecutive parts: names are used in messages
             self._children = [(str(name), part) for name, part in module]
@@ -228,7 +250,7 @@ class StreamingCNN(nn.Module):
         self._chains: dict[tuple, list[Trace]] = {}
         freeze_norm_layers(self.module)
         self._derive_geometry()
-        self._make_pieces(stitch)
+        self._make_pieces(stitch, tuple(outputs))
 
     # ------------------------------------------------------------------ geometry
     def _trace_chain(self, height: int, width: int, dtype: torch.dtype | None = None,
@@ -271,7 +293,7 @@ class StreamingCNN(nn.Module):
         self._needs_multiple = needs_multiple
         self.geometry = StreamGeometry.of_chain(reference, needs_multiple)
 
-    def _make_pieces(self, stitch: str | Sequence[str]) -> None:
+    def _make_pieces(self, stitch: str | Sequence[str], outputs: Sequence[str] = ()) -> None:
         names = [name for name, _ in self._children]
         ref = self._reference
         if stitch == "auto":
@@ -291,6 +313,10 @@ class StreamingCNN(nn.Module):
             if unknown:
                 raise StreamingError(f"stitch names {unknown} are not children of the module; children: {names}")
             cuts = {names.index(s) for s in stitch if names.index(s) < len(names) - 1}
+        unknown = [s for s in outputs if s not in names]
+        if unknown:
+            raise StreamingError(f"outputs {unknown} are not children of the module; children: {names}")
+        cuts |= {names.index(s) for s in outputs}
         bounds, start = [], 0
         for i in range(len(ref)):
             if i in cuts or i == len(ref) - 1:
@@ -350,8 +376,11 @@ class StreamingCNN(nn.Module):
                 tile = tuple(max(int(largest[i] * scale), geometry.min_tile_size[i]) for i in range(2))
             pieces.append(make_plan(size_in, size_out, tile, geometry.axes, geometry.align,
                                     geometry.size_multiple))
+        maps = tuple(tuple(chain[b - 1].output_shape[1:]) for _, b in self._bounds)
+        map_bytes = tuple(math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize
+                          for _, b in self._bounds)
         return StreamPlan((height, width), tuple(chain[-1].output_shape[2:]), self.geometry, tuple(pieces),
-                          tuple(p.label for p in self._pieces), work)
+                          tuple(p.label for p in self._pieces), work, maps, map_bytes)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "StreamingCNN":
@@ -367,16 +396,34 @@ class StreamingCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if not self.streaming:
+            freeze_norm_layers(self.module)
+            return self.module(self._prepare(x, _module_device(self.module)))
+        for _, x in self.forward_pieces(x):
+            pass
+        return x
+
+    def forward_pieces(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(name of the piece's last child, its stitched output map)`` piece by piece, lazily: a
+        caller that stops early runs nothing more. The maps are the ones :meth:`forward` chains (same
+        autograd graph), so the gradients of all of them flow back through the pieces before them.
+        With ``streaming = False`` each piece runs un-tiled."""
+        if x.dim() != 4:
+            raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
         freeze_norm_layers(self.module)
         device = _module_device(self.module)
         if not self.streaming:
-            return self.module(self._prepare(x, device))
+            for index, piece in enumerate(self._pieces):
+                x = piece.module(self._prepare(x, device) if index == 0 else x)
+                yield piece.names[-1], x
+            return
         plan = self.plan(x.shape[-2:], x.dtype, x.shape[1])
         needs_grad = torch.is_grad_enabled()
         for index, (piece, piece_plan) in enumerate(zip(self._pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
             if piece_plan.num_tiles == 1:  # the whole map is one tile: run it plainly, nothing to recompute
                 x = piece.module(preprocess(x.to(device)) if preprocess is not None else x.to(device))
+                yield piece.names[-1], x
                 continue
             params = [p for p in piece.module.parameters() if p.requires_grad]
             # Only the final piece keeps its last tile: nothing but the caller's head runs before its
@@ -387,7 +434,7 @@ class StreamingCNN(nn.Module):
                 x = StreamFunction.apply(runner, x, *params)
             else:
                 x = runner.forward(x, keep_last=False)[0]
-        return x
+            yield piece.names[-1], x
 
     def extra_repr(self) -> str:
         g = self.geometry

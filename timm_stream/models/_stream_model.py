@@ -80,10 +80,18 @@ class StreamingModelMixin:
             x = module(x)
         return x
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"{type(self).__name__} streams its first stages and has no un-tiled intermediate features; "
-            "use forward_features() for the final feature map")
+    def forward_intermediates(self, x: Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, **kwargs):
+        """The base model's ``forward_intermediates``; the streamed stages' maps are stitched by the engine,
+        cut after each requested feature (see :mod:`timm_stream.models._features` for the cost)."""
+        from ._features import forward_intermediates
+        return forward_intermediates(self, x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                                     intermediates_only=intermediates_only, **kwargs)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True, **kwargs):
+        """The base model's ``prune_intermediate_layers``; the streamed part is rebuilt from what remains."""
+        from ._features import prune_intermediate_layers
+        return prune_intermediate_layers(self, indices, prune_norm=prune_norm, prune_head=prune_head, **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of the un-tiled tail (the streamed part never keeps activations)."""
