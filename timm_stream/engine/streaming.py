@@ -246,11 +246,12 @@ class StreamingCNN(nn.Module):
             raise StreamingError("cannot infer the input channels (no Conv2d found): pass in_channels=")
         self.progress = progress
         self.keep_last_tile = keep_last_tile
+        self.outputs = tuple(outputs)
         self.streaming = True
         self._chains: dict[tuple, list[Trace]] = {}
         freeze_norm_layers(self.module)
         self._derive_geometry()
-        self._make_pieces(stitch, tuple(outputs))
+        self._make_pieces(stitch, self.outputs)
 
     # ------------------------------------------------------------------ geometry
     def _trace_chain(self, height: int, width: int, dtype: torch.dtype | None = None,

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..engine import TileTooSmallError
 from ._families import STAGE_REDUCTIONS, split_trunk
-from ._features import FeatureGetterNet, StreamFeatureNet, make_feature_net
+from ._features import FeatureGetterNet, StreamFeatureNet, default_out_indices, make_feature_net, stream_cuts
 from ._stream_model import make_streaming
 
 __all__ = ["STREAM_PREFIX", "DEFAULT_TILE_SIZE", "create_stream_model", "stream_name", "base_name"]
@@ -103,6 +103,9 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
         raise
     split = split_trunk(model)
     options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress)
+    if features is not None:  # cut the streamer at the requested features; tile_size is checked on those pieces
+        features.setdefault("out_indices", default_out_indices(model, split.family))
+        options["outputs"] = stream_cuts(model, split, stream_stages, features["out_indices"])
     if tile_size is not None:
         model = make_streaming(model, split, stream_stages, tile_size, **options)
     else:

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from ..engine import StreamingCNN, StreamingError
 from ._families import TrunkSplit
 
-__all__ = ["StreamFeatureNet", "make_feature_net", "feature_steps", "observed_steps", "features_streamer", "forward_intermediates",
-           "prune_intermediate_layers", "restream"]
+__all__ = ["StreamFeatureNet", "make_feature_net", "default_out_indices", "feature_steps", "observed_steps", "features_streamer", "forward_intermediates",
+           "prune_intermediate_layers", "restream", "stream_cuts"]
 
 # timm's FeatureGetterNet (feature_cls='getter') and feature_take_indices are not re-exported by
 # timm.models; they are the library's own implementation of the feature API, used here unchanged.
@@ -43,13 +43,16 @@ def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(module.named_children())
 
 
-def feature_steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def feature_steps(model: nn.Module, split: TrunkSplit | None = None,
+                  stream_stages: int | None = None) -> list[tuple[str, nn.Module]]:
     """The streamed steps of ``model`` at the granularity features need: a step (an ``nn.Sequential``)
     containing a feature point strictly inside one of its children is expanded into its children
     (ResNetV2's and CSPNet's stem features are taken after ``stem.conv`` / ``stem.conv1``)."""
     points = [info["module"] for info in model.feature_info]
     steps: list[tuple[str, nn.Module]] = []
-    for name, module in model._split.streamed(model.stream_stages):
+    split = model._split if split is None else split
+    stream_stages = model.stream_stages if stream_stages is None else stream_stages
+    for name, module in split.streamed(stream_stages):
         inside = [p for p in points if p.startswith(name + ".")]
         if inside and isinstance(module, nn.Sequential) and any(
                 p[len(name) + 1:].split(".")[0] in module._modules for p in inside):
@@ -59,7 +62,7 @@ def feature_steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return steps
 
 
-def observed_steps(model: nn.Module, steps: Sequence[str]) -> list[str | None]:
+def observed_steps(model: nn.Module, steps: Sequence[str], family: str | None = None) -> list[str | None]:
     """For each feature index (``model.feature_info`` order), the streamed step whose output the base
     model's ``forward_intermediates`` reads for it, or None when the feature is not a streamed step's
     output (a point inside a streamed block, or a step of the un-streamed tail)."""
@@ -71,7 +74,7 @@ def observed_steps(model: nn.Module, steps: Sequence[str]) -> list[str | None]:
         point = info["module"]
         if point in names:
             observed.append(point)
-        elif model._split.family == "Xception" and ends is not None and 0 < k < last:
+        elif (family or model._split.family) == "Xception" and ends is not None and 0 < k < last:
             # legacy Xception taps block i as relu(block i output): the ReLU that starts block i+1
             step = f"block{ends[k]}"
             observed.append(step if step in names else None)
@@ -95,6 +98,40 @@ def _streamer_cache(model: nn.Module) -> dict:
     return cache
 
 
+def _wanted_steps(model: nn.Module, names: Sequence[str], take_indices: Sequence[int],
+                  family: str | None = None) -> dict[int, str]:
+    observed = observed_steps(model, names, family)
+    wanted: dict[int, str] = {}
+    for k in take_indices:
+        point = model.feature_info[k]["module"]
+        if observed[k] is not None:
+            wanted[k] = observed[k]
+        elif _inside_streamed(point, names) is not None:
+            available = [i for i, info in enumerate(model.feature_info)
+                         if observed[i] is not None or _inside_streamed(info["module"], names) is None]
+            raise StreamingError(
+                f"feature {k} of {type(model).__name__} ('{point}') is taken inside the streamed block "
+                f"'{_inside_streamed(point, names)}', where no stitched piece can end. Request only features "
+                f"{available} (out_indices / indices), or stream fewer stages (stream_stages=...) so that "
+                "the block runs un-tiled (the stem always streams).")
+    return wanted
+
+
+def stream_cuts(model: nn.Module, split: TrunkSplit, stream_stages: int, out_indices) -> tuple[str, ...]:
+    """The streamed steps (of ``split.streamed(stream_stages)``) after which features ``out_indices``
+    need a stitched map: a features-only model cuts its main streamer there too, so that ``tile_size``
+    is checked against the pieces that actually run (the stem alone, not the stem and stage 1).
+
+    Raises:
+        StreamingError: a requested feature lies inside a streamed block.
+    """
+    take, _ = feature_take_indices(len(model.feature_info), out_indices)
+    names = [n for n, _ in feature_steps(model, split, stream_stages)]
+    steps = [n for n, _ in split.streamed(stream_stages)]
+    wanted = _wanted_steps(model, names, take, split.family)
+    return tuple(sorted({_inside_streamed(name, steps) for name in wanted.values()}, key=steps.index))
+
+
 def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[StreamingCNN, dict[int, str]]:
     """The engine that stitches the maps of the features ``take_indices`` (and the last streamed step,
     whose map the tail reads); cached per set of cuts. Returns it and feature index -> step name.
@@ -105,17 +142,7 @@ def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[St
     """
     steps = feature_steps(model)
     names = [n for n, _ in steps]
-    observed = observed_steps(model, names)
-    wanted: dict[int, str] = {}
-    for k in take_indices:
-        point = model.feature_info[k]["module"]
-        if observed[k] is not None:
-            wanted[k] = observed[k]
-        elif _inside_streamed(point, names) is not None:
-            raise StreamingError(
-                f"feature {k} of {type(model).__name__} ('{point}') is taken inside the streamed block "
-                f"'{_inside_streamed(point, names)}', where no stitched piece can end. Stream fewer stages "
-                f"(stream_stages=...) so that this block runs un-tiled, or request other out_indices/indices.")
+    wanted = _wanted_steps(model, names, take_indices)
     cuts = tuple(sorted(set(wanted.values()), key=names.index))
     key = (cuts, tuple(id(m) for _, m in steps))
     cache = _streamer_cache(model)
@@ -253,8 +280,10 @@ def restream(model: nn.Module) -> None:
     split = TrunkSplit(old.family, alive(old.stem), [alive(s) for s in old.stages], alive(old.tail))
     main: StreamingCNN = model._streamer
     streamed = split.streamed(model.stream_stages)
+    names = [n for n, _ in streamed]
     streamer = StreamingCNN(streamed, main.tile_size, preprocess=main.preprocess, in_channels=main.in_channels,
-                            progress=main.progress, keep_last_tile=main.keep_last_tile)
+                            progress=main.progress, keep_last_tile=main.keep_last_tile,
+                            outputs=[n for n in main.outputs if n in names])
     streamer.streaming = main.streaming
     object.__setattr__(model, "_split", split)
     object.__setattr__(model, "_streamer", streamer)
@@ -314,6 +343,10 @@ class StreamFeatureNet(FeatureGetterNet):
 _DEFAULT_OUT_INDICES = {"DLA": (1, 2, 3, 4, 5)}
 
 
+def default_out_indices(model: nn.Module, family: str) -> tuple[int, ...]:
+    return _DEFAULT_OUT_INDICES.get(family, tuple(range(len(model.feature_info))))
+
+
 def make_feature_net(model: nn.Module, out_indices: Sequence[int] | int | None = None, output_fmt: str = "NCHW",
                      norm: bool = False) -> StreamFeatureNet:
     """Wrap a streaming model as timm's ``features_only`` would (getter wrapper, pruned after the
@@ -323,7 +356,7 @@ def make_feature_net(model: nn.Module, out_indices: Sequence[int] | int | None =
         StreamingError: a requested feature lies inside a streamed block (see :func:`features_streamer`).
     """
     if out_indices is None:
-        out_indices = _DEFAULT_OUT_INDICES.get(model._split.family, tuple(range(len(model.feature_info))))
+        out_indices = default_out_indices(model, model._split.family)
     # refuse unsupported indices before pruning (the error then names the unpruned block)
     take, _ = feature_take_indices(len(model.feature_info), out_indices)
     features_streamer(model, take)

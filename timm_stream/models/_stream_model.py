@@ -142,7 +142,7 @@ def _disable_stochastic(modules: Sequence[nn.Module]) -> list[str]:
 
 def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile_size, *,
                    normalize_input: bool = False, train_tail_norms: bool = False,
-                   progress: bool = False) -> nn.Module:
+                   progress: bool = False, outputs: Sequence[str] = ()) -> nn.Module:
     streamed = split.streamed(stream_stages)
     _disable_stochastic([m for _, m in streamed])
     preprocess = None
@@ -150,7 +150,8 @@ def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         preprocess = InputNormalizer(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)),
                                      model)
-    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress)
+    # outputs: steps whose stitched maps are features (features_only): each ends a piece
+    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress, outputs=outputs)
     model.__class__ = _streaming_class(type(model))
     # Held outside the module tree: every parameter keeps its one, base-model name.
     object.__setattr__(model, "_streamer", streamer)
