@@ -96,10 +96,12 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
     cfg = dataclasses.replace(cfg, architecture=stream_name(base))
     try:
         model = model_entrypoint(base)(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), **kwargs)
-    except TypeError as exc:
-        if "output_stride" in kwargs and "output_stride" in str(exc):
-            raise ValueError(f"{base} does not support output_stride (timm's {base} takes no such argument); "
-                             "drop output_stride") from exc
+    except (TypeError, AssertionError) as exc:
+        # timm's bases refuse an unsupported output_stride with a bare `assert output_stride == 32` or
+        # an unexpected-keyword TypeError: name the argument instead
+        if kwargs.get("output_stride", 32) != 32 and (isinstance(exc, AssertionError) or "output_stride" in str(exc)):
+            raise ValueError(f"{base} does not support output_stride={kwargs['output_stride']} (timm's {base} "
+                             "only runs at output stride 32): drop output_stride") from exc
         raise
     split = split_trunk(model)
     options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress)

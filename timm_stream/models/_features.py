@@ -143,7 +143,11 @@ def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[St
     steps = feature_steps(model)
     names = [n for n, _ in steps]
     wanted = _wanted_steps(model, names, take_indices)
-    cuts = tuple(sorted(set(wanted.values()), key=names.index))
+    # A features_only extractor's own cuts stay (its tile_size was checked against those pieces; a
+    # call asking for fewer features would otherwise get a longer first piece than the tile allows).
+    main_cuts = {n if n in names else [m for m in names if m.startswith(n + ".")][-1]
+                 for n in model._streamer.outputs}
+    cuts = tuple(sorted(set(wanted.values()) | main_cuts, key=names.index))
     key = (cuts, tuple(id(m) for _, m in steps))
     cache = _streamer_cache(model)
     streamer = cache.get(key)
@@ -186,6 +190,11 @@ class _Replay(nn.Module):
         if self.cut:
             return self.maps[self.step]
         return torch.empty(0, device="meta")
+
+    def forward_with_tap(self, x: Any) -> tuple[Tensor, Tensor]:
+        """XceptionAligned's strided blocks: a tap inside a streamed block is refused before anything runs
+        (features_streamer), so the tap is a placeholder that the base code only reads when not requested."""
+        return self.forward(x), torch.empty(0, device="meta")
 
 
 def _replayed(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
