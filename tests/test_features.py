@@ -248,3 +248,37 @@ def test_feature_net_timm_api(weights):
     assert [t.shape[1] for t in streamed] == net.feature_info.channels()
     assert net.stream_plan((150, 170)).num_tiles > 2
     assert all(relative_error(a, b) < 1e-5 for a, b in zip(streamed, untiled))
+
+
+# ------------------------------------------------------------------------------------------- engine level
+
+
+def test_engine_forward_pieces_yields_exact_stitched_maps_and_their_gradients():
+    """StreamingCNN(outputs=...) cuts after the named children; forward_pieces yields their maps, exact
+    in value, and a loss on all of them gives the un-tiled gradients (input and every parameter)."""
+    from conftest import timm_trunk
+
+    trunk = randomize_(timm_trunk("resnet10t"), seed=5).double().eval()
+    s = StreamingCNN(trunk, 64, outputs=("act1", "layer1", "layer3"))
+    ends = [p.names[-1] for p in s._pieces]
+    assert {"act1", "layer1", "layer3"} <= set(ends) and "layer2" in ends  # layer2: stitch="auto" cuts there
+    x = torch.randn(1, 3, 141, 127, dtype=torch.float64)
+    assert s.plan((141, 127)).pieces[0].num_tiles > 1
+
+    def run(streaming):
+        s.streaming = streaming
+        s.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        maps = dict(s.forward_pieces(inp))
+        g = torch.Generator().manual_seed(4)
+        sum((m * torch.randn(m.shape, generator=g, dtype=m.dtype)).sum() for m in maps.values()).backward()
+        return maps, inp.grad, {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
+
+    (m1, gx1, gp1), (m0, gx0, gp0) = run(True), run(False)
+    assert list(m1) == ends and set(m0) == set(m1)
+    assert all(relative_error(m1[k], m0[k]) <= EXACT for k in m0)
+    assert relative_error(gx1, gx0) <= EXACT
+    assert set(gp1) == set(gp0) == {n for n, p in s.named_parameters() if p.requires_grad}
+    assert max(relative_error(gp1[n], gp0[n]) for n in gp0) <= EXACT
+    with pytest.raises(StreamingError, match="not children"):
+        StreamingCNN(trunk, 64, outputs=("layer9",))

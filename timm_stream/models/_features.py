@@ -23,6 +23,7 @@ map's MiB). A stage that is not requested is never stitched because of features 
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -90,11 +91,15 @@ def _inside_streamed(point: str, steps: Sequence[str]) -> str | None:
     return None
 
 
+# model -> {cuts: StreamingCNN}: kept outside the model so that copies, pickles and state dicts of the
+# model never carry engines (they are rebuilt on demand from the model's own modules).
+_STREAMERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _streamer_cache(model: nn.Module) -> dict:
-    cache = model.__dict__.get("_feature_streamers")
+    cache = _STREAMERS.get(model)
     if cache is None:
-        cache = {}
-        object.__setattr__(model, "_feature_streamers", cache)
+        cache = _STREAMERS[model] = {}
     return cache
 
 
