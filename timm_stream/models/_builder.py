@@ -40,16 +40,13 @@ def _check_stream_stages(value: Any) -> int:
 
 def _pop_feature_args(base: str, kwargs: dict) -> dict | None:
     """timm's features_only arguments (also inside ``feature_cfg``), or None without features_only."""
+    if not kwargs.pop("features_only", False):
+        return None  # anything else goes to the base model, as in timm
     cfg = dict(kwargs.pop("feature_cfg", None) or {})
-    features_only = kwargs.pop("features_only", False)
     for key in ("out_indices", "feature_cls", "output_fmt", "norm"):
         if key in kwargs:
             cfg[key] = kwargs.pop(key)
     cfg.pop("flatten_sequential", None)  # a layout option of timm's list/dict wrappers: no meaning here
-    if not features_only:
-        if cfg:
-            raise ValueError(f"{sorted(cfg)} only apply with features_only=True")
-        return None
     feature_cls = cfg.pop("feature_cls", None)
     if feature_cls not in (None, "getter", FeatureGetterNet, StreamFeatureNet):
         raise ValueError(
