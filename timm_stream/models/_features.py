@@ -27,6 +27,9 @@ import weakref
 from typing import Any, Sequence
 
 import torch
+# timm's FeatureGetterNet (feature_cls='getter') and feature_take_indices are not re-exported by
+# timm.models; they are the library's own implementation of the feature API, used here unchanged.
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
 
 from ..engine import StreamingCNN, StreamingError
@@ -34,10 +37,6 @@ from ._families import TrunkSplit
 
 __all__ = ["StreamFeatureNet", "make_feature_net", "default_out_indices", "feature_steps", "observed_steps", "features_streamer", "forward_intermediates",
            "prune_intermediate_layers", "restream", "stream_cuts"]
-
-# timm's FeatureGetterNet (feature_cls='getter') and feature_take_indices are not re-exported by
-# timm.models; they are the library's own implementation of the feature API, used here unchanged.
-from timm.models._features import FeatureGetterNet, feature_take_indices  # noqa: E402
 
 
 def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
