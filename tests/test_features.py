@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import timm_stream  # noqa: F401 - registers stream_<arch>
 from timm_stream.engine import StreamingCNN, StreamingError
-from timm_stream.models._features import StreamFeatureNet, feature_steps, features_streamer
+from timm_stream.models import StreamFeatureNet
+from timm_stream.models._features import feature_steps, features_streamer
 from timm_stream.testing import randomize_, relative_error
 
 EXACT = 1e-9

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from ..engine import StreamingCNN, StreamingError
 from ._families import TrunkSplit
 
-__all__ = ["StreamFeatureNet", "make_feature_net", "default_out_indices", "feature_steps", "observed_steps", "features_streamer", "forward_intermediates",
-           "prune_intermediate_layers", "restream", "stream_cuts"]
+__all__ = ["StreamFeatureNet", "make_feature_net", "default_out_indices", "feature_steps", "observed_steps",
+           "features_streamer", "forward_intermediates", "prune_intermediate_layers", "restream", "stream_cuts"]
 
 
 def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:

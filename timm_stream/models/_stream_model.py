@@ -85,12 +85,14 @@ class StreamingModelMixin:
                               output_fmt: str = "NCHW", intermediates_only: bool = False, **kwargs):
         """The base model's ``forward_intermediates``; the streamed stages' maps are stitched by the engine,
         cut after each requested feature (see :mod:`timm_stream.models._features` for the cost)."""
-        return _features.forward_intermediates(self, x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
-                                     intermediates_only=intermediates_only, **kwargs)
+        return _features.forward_intermediates(self, x, indices, norm=norm, stop_early=stop_early,
+                                               output_fmt=output_fmt, intermediates_only=intermediates_only,
+                                               **kwargs)
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True, **kwargs):
         """The base model's ``prune_intermediate_layers``; the streamed part is rebuilt from what remains."""
-        return _features.prune_intermediate_layers(self, indices, prune_norm=prune_norm, prune_head=prune_head, **kwargs)
+        return _features.prune_intermediate_layers(self, indices, prune_norm=prune_norm, prune_head=prune_head,
+                                                   **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of the un-tiled tail (the streamed part never keeps activations)."""
