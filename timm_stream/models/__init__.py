@@ -9,5 +9,6 @@ REGISTERED = register_all()
 
 __all__ = [
     "REGISTERED", "DEFAULT_TILE_SIZE", "STREAM_PREFIX", "FAMILY_STEPS", "TrunkSplit", "InputNormalizer",
-    "StreamingModelMixin", "StreamFeatureNet", "architectures", "base_name", "create_stream_model", "split_trunk", "stream_name",
+    "StreamingModelMixin", "StreamFeatureNet", "architectures", "base_name", "create_stream_model", "split_trunk",
+    "stream_name",
 ]
