@@ -198,14 +198,6 @@ def test_grad_checkpointing_applies_to_the_tail_only():
     assert relative_error(out.detach(), before) <= EXACT
 
 
-def test_features_only_and_intermediates_refuse_instead_of_running_untiled():
-    with pytest.raises(ValueError, match="features_only=True is not supported"):
-        timm.create_model("stream_test_resnet", features_only=True)
-    model = timm.create_model("stream_test_resnet", tile_size=96)
-    with pytest.raises(NotImplementedError, match="forward_features"):
-        model.forward_intermediates(torch.randn(1, 3, 64, 64))
-
-
 # ---------------------------------------------------------------------------------------------- norms, drop
 
 

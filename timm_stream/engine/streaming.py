@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +117,16 @@ class StreamPlan(PerAxisGeometry):
     pieces: tuple[TilePlan, ...]
     piece_names: tuple[str, ...]
     work: tuple[float, ...]  # activation elements of each piece for this input (un-tiled)
+    # (C, H, W) and bytes per image of each piece's stitched output map: kept from forward to backward
+    # (the final one is the output itself), and backward holds a gradient of the same size for each.
+    maps: tuple[tuple[int, ...], ...] = ()
+    map_bytes: tuple[int, ...] = ()
+
+    @property
+    def stitched_bytes(self) -> int:
+        """Bytes per image of the stitched maps between pieces (the final output not counted); backward
+        adds a gradient of the same size for each."""
+        return sum(self.map_bytes[:-1])
 
     @property
     def axes(self) -> tuple[AxisGeometry, AxisGeometry]:  # the per-axis properties are the geometry's
@@ -149,8 +159,15 @@ class StreamPlan(PerAxisGeometry):
         (h, w), (oh, ow) = self.input_size, self.output_size
         lines = [f"StreamPlan({h}x{w} -> {oh}x{ow}, stride {self.stride}, receptive field "
                  f"{self.receptive_field}, {self.num_tiles} tiles, overlap {self.overlap:.3f})"]
-        for name, piece in zip(self.piece_names, self.pieces):
-            lines.append(f"  [{name}] {piece}")
+        for index, (name, piece) in enumerate(zip(self.piece_names, self.pieces)):
+            line = f"  [{name}] {piece}"
+            if index < len(self.map_bytes):
+                c, mh, mw = self.maps[index]
+                line += f" -> stitched map {c}x{mh}x{mw}, {self.map_bytes[index] / 2**20:.1f} MiB per image"
+            lines.append(line)
+        if len(self.map_bytes) > 1:
+            lines.append(f"  stitched maps between pieces: {self.stitched_bytes / 2**20:.1f} MiB per image, "
+                         "kept from forward to backward (plus a gradient of the same size in backward)")
         return "\n".join(lines)
 
 
@@ -183,6 +200,10 @@ class StreamingCNN(nn.Module):
             at most twice the input's elements; it cuts the recomputation that large receptive
             fields cause), ``"none"``, or names.
         progress: show a progress bar over tiles.
+        outputs: children whose stitched output maps :meth:`forward_pieces` must yield (multi-scale
+            features): each ends a piece whatever ``stitch`` says. A child not named here is stitched
+            only where ``stitch`` puts a cut. Each such map costs its size (plus its gradient in
+            backward); ``plan(size)`` lists them.
         keep_last_tile: keep the last tile's graph from forward to backward instead of recomputing it
             (final piece only, so that memory stays about one tile).
         resolve: maps a part's name to the module that runs it *now* (e.g. ``owner.get_submodule`` of
@@ -202,7 +223,7 @@ class StreamingCNN(nn.Module):
     def __init__(self, module: nn.Module | Sequence[tuple[str, nn.Module]], tile_size: int | Sequence[int], *,
                  preprocess: Callable[[Tensor], Tensor] | None = None, in_channels: int | None = None,
                  stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True,
-                 resolve: Callable[[str], nn.Module] | None = None):
+                 resolve: Callable[[str], nn.Module] | None = None, outputs: Sequence[str] = ()):
         super().__init__()
         # How the parts are found at each call (see _current_children): by name through `resolve`, by
         # position in self.module ("parts"), as self.module's children ("sequential"), or self.module.
@@ -227,6 +248,7 @@ class StreamingCNN(nn.Module):
             raise StreamingError("cannot infer the input channels (no Conv2d found): pass in_channels=")
         self.progress = progress
         self.keep_last_tile = keep_last_tile
+        self.outputs = tuple(outputs)
         self.streaming = True
         self._chains: dict[tuple, list[Trace]] = {}
         self._fingerprint: tuple | None = None
@@ -258,7 +280,7 @@ class StreamingCNN(nn.Module):
         self._chains = {}
         freeze_norm_layers(self.module)
         self._derive_geometry()
-        self._make_pieces(self._stitch)
+        self._make_pieces(self._stitch, self.outputs)
         self._fingerprint = fingerprint
 
     def __getstate__(self) -> dict:
@@ -315,7 +337,7 @@ class StreamingCNN(nn.Module):
         self._needs_multiple = needs_multiple
         self.geometry = StreamGeometry.of_chain(reference, needs_multiple)
 
-    def _make_pieces(self, stitch: str | Sequence[str]) -> None:
+    def _make_pieces(self, stitch: str | Sequence[str], outputs: Sequence[str] = ()) -> None:
         names = [name for name, _ in self._children]
         ref = self._reference
         if stitch == "auto":
@@ -335,6 +357,10 @@ class StreamingCNN(nn.Module):
             if unknown:
                 raise StreamingError(f"stitch names {unknown} are not children of the module; children: {names}")
             cuts = {names.index(s) for s in stitch if names.index(s) < len(names) - 1}
+        unknown = [s for s in outputs if s not in names]
+        if unknown:
+            raise StreamingError(f"outputs {unknown} are not children of the module; children: {names}")
+        cuts |= {names.index(s) for s in outputs}
         bounds, start = [], 0
         for i in range(len(ref)):
             if i in cuts or i == len(ref) - 1:
@@ -395,8 +421,11 @@ class StreamingCNN(nn.Module):
                 tile = tuple(max(int(largest[i] * scale), geometry.min_tile_size[i]) for i in range(2))
             pieces.append(make_plan(size_in, size_out, tile, geometry.axes, geometry.align,
                                     geometry.size_multiple))
+        maps = tuple(tuple(chain[b - 1].output_shape[1:]) for _, b in self._bounds)
+        map_bytes = tuple(math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize
+                          for _, b in self._bounds)
         return StreamPlan((height, width), tuple(chain[-1].output_shape[2:]), self.geometry, tuple(pieces),
-                          tuple(p.label for p in self._pieces), work)
+                          tuple(p.label for p in self._pieces), work, maps, map_bytes)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "StreamingCNN":
@@ -432,18 +461,39 @@ class StreamingCNN(nn.Module):
                 "un-tiled network instead (the base model, or StreamingCNN.module)")
         if x.dim() != 4:
             raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if not self.streaming:
+            self._sync()
+            freeze_norm_layers(self.module)
+            device = _module_device(self.module)
+            self._check_input(x, device)
+            return self.module(self._prepare(x, device))
+        for _, x in self.forward_pieces(x):
+            pass
+        return x
+
+    def forward_pieces(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(name of the piece's last child, its stitched output map)`` piece by piece, lazily: a
+        caller that stops early runs nothing more. The maps are the ones :meth:`forward` chains (same
+        autograd graph), so the gradients of all of them flow back through the pieces before them.
+        With ``streaming = False`` each piece runs un-tiled."""
+        if x.dim() != 4:
+            raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
         self._sync()
         freeze_norm_layers(self.module)
         device = _module_device(self.module)
         self._check_input(x, device)
         if not self.streaming:
-            return self.module(self._prepare(x, device))
+            for index, piece in enumerate(self._pieces):
+                x = piece.module(self._prepare(x, device) if index == 0 else x)
+                yield piece.names[-1], x
+            return
         plan = self.plan(x.shape[-2:], x.dtype, x.shape[1])
         needs_grad = torch.is_grad_enabled()
         for index, (piece, piece_plan) in enumerate(zip(self._pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
             if piece_plan.num_tiles == 1:  # the whole map is one tile: run it plainly, nothing to recompute
                 x = piece.module(preprocess(x.to(device)) if preprocess is not None else x.to(device))
+                yield piece.names[-1], x
                 continue
             params = [p for p in piece.module.parameters() if p.requires_grad]
             # Only the final piece keeps its last tile: nothing but the caller's head runs before its
@@ -455,7 +505,7 @@ class StreamingCNN(nn.Module):
                 x = StreamFunction.apply(runner, x, *params)
             else:
                 x = runner.forward(x, keep_last=False)[0]
-        return x
+            yield piece.names[-1], x
 
     @staticmethod
     def _watched(piece: "_Piece") -> list[tuple[str, Tensor]]:

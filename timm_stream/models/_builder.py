@@ -11,6 +11,7 @@ from torch import nn
 
 from ..engine import TileTooSmallError
 from ._families import STAGE_REDUCTIONS, split_trunk
+from ._features import FeatureGetterNet, StreamFeatureNet, default_out_indices, make_feature_net, stream_cuts
 from ._stream_model import make_streaming
 
 __all__ = ["STREAM_PREFIX", "DEFAULT_TILE_SIZE", "create_stream_model", "stream_name", "base_name",
@@ -39,6 +40,28 @@ def check_stream_stages(value: Any) -> int:
     return value
 
 
+def _pop_feature_args(base: str, kwargs: dict) -> dict | None:
+    """timm's features_only arguments (also inside ``feature_cfg``), or None without features_only."""
+    if not kwargs.pop("features_only", False):
+        return None  # anything else goes to the base model, as in timm
+    cfg = dict(kwargs.pop("feature_cfg", None) or {})
+    for key in ("out_indices", "feature_cls", "output_fmt", "norm"):
+        if key in kwargs:
+            cfg[key] = kwargs.pop(key)
+    cfg.pop("flatten_sequential", None)  # a layout option of timm's list/dict wrappers: no meaning here
+    feature_cls = cfg.pop("feature_cls", None)
+    if feature_cls not in (None, "getter", FeatureGetterNet, StreamFeatureNet):
+        raise ValueError(
+            f"{stream_name(base)}: feature_cls={feature_cls!r} is not supported: timm's list/dict/hook/fx "
+            "feature wrappers run the base model's modules (un-tiled) themselves. Leave feature_cls unset "
+            "(or 'getter'): the features then come from the streamed forward_intermediates.")
+    unknown = set(cfg) - {"out_indices", "output_fmt", "norm"}
+    if unknown:
+        raise ValueError(f"{stream_name(base)}: unsupported feature options {sorted(unknown)}; supported: "
+                         "out_indices, output_fmt, norm, feature_cls='getter'")
+    return cfg
+
+
 def create_stream_model(base: str, pretrained: bool = False, *, local_stages: int,
                         tile_size: Any = None, stream_stages: int | None = None, normalize_input: bool = False,
                         train_tail_norms: bool = False, progress: bool = False, **kwargs: Any) -> nn.Module:
@@ -57,14 +80,15 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
         train_tail_norms: let the norm layers outside the streamed part (tail and head) train
             (default: frozen, since batches of huge images hold one or two images).
         progress: progress bar over tiles.
+        features_only, out_indices, output_fmt, norm, feature_cls, feature_cfg: timm's feature-extractor
+            arguments. ``features_only=True`` returns a :class:`StreamFeatureNet` (timm's getter wrapper)
+            whose maps at ``out_indices`` (default: timm's for the family) come from the streamed stages;
+            ``feature_cls`` other than ``'getter'`` raises ValueError (timm's other wrappers would run
+            the modules un-tiled).
         **kwargs: everything the base architecture accepts (num_classes, in_chans, global_pool,
             drop_rate, drop_path_rate, pretrained_cfg, pretrained_cfg_overlay, cache_dir...).
     """
-    if kwargs.pop("features_only", False):
-        raise ValueError(
-            f"features_only=True is not supported by {stream_name(base)}: timm would build a feature "
-            "network from the base model's children and silently run it un-tiled. Use "
-            "model.forward_features(x) for the streamed feature map.")
+    features = _pop_feature_args(base, kwargs)
     stream_stages = local_stages if stream_stages is None else check_stream_stages(stream_stages)
     # The registered stream cfgs mirror the base's; an unregistered base (being checked) uses its own.
     registered = is_model(stream_name(base))
@@ -72,13 +96,26 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
                                  pretrained_cfg=kwargs.pop("pretrained_cfg", None),
                                  pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None))
     cfg = dataclasses.replace(cfg, architecture=stream_name(base))
-    model = model_entrypoint(base)(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), **kwargs)
+    try:
+        model = model_entrypoint(base)(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), **kwargs)
+    except (TypeError, AssertionError) as exc:
+        # timm's bases refuse an unsupported output_stride with a bare `assert output_stride == 32` or
+        # an unexpected-keyword TypeError: name the argument instead
+        if kwargs.get("output_stride", 32) != 32 and (isinstance(exc, AssertionError) or "output_stride" in str(exc)):
+            raise ValueError(f"{base} does not support output_stride={kwargs['output_stride']} (timm's {base} "
+                             "only runs at output stride 32): drop output_stride") from exc
+        raise
     split = split_trunk(model)
     options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress)
+    if features is not None:  # cut the streamer at the requested features; tile_size is checked on those pieces
+        features.setdefault("out_indices", default_out_indices(model, split.family))
+        options["outputs"] = stream_cuts(model, split, stream_stages, features["out_indices"])
     if tile_size is not None:
-        return make_streaming(model, split, stream_stages, tile_size, **options)
-    try:
-        return make_streaming(model, split, stream_stages, DEFAULT_TILE_SIZE, **options)
-    except TileTooSmallError as exc:  # the default is too small for this receptive field: use the minimum
-        _logger.info("%s: default tile_size raised to %s", stream_name(base), exc.min_tile_size)
-        return make_streaming(model, split, stream_stages, exc.min_tile_size, **options)
+        model = make_streaming(model, split, stream_stages, tile_size, **options)
+    else:
+        try:
+            model = make_streaming(model, split, stream_stages, DEFAULT_TILE_SIZE, **options)
+        except TileTooSmallError as exc:  # the default is too small for this receptive field: use the minimum
+            _logger.info("%s: default tile_size raised to %s", stream_name(base), exc.min_tile_size)
+            model = make_streaming(model, split, stream_stages, exc.min_tile_size, **options)
+    return model if features is None else make_feature_net(model, **features)

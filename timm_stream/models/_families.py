@@ -83,6 +83,11 @@ def split_trunk(model: nn.Module) -> TrunkSplit:
     for info in model.feature_info:
         if info["reduction"] in STAGE_REDUCTIONS:
             ends[info["reduction"]] = max(ends.get(info["reduction"], -1), step_index(info["module"]))
+    staged = [i for i in model.feature_info if i["reduction"] >= STAGE_REDUCTIONS[0]]
+    if len(staged) == len(STAGE_REDUCTIONS) and sorted(ends) != list(STAGE_REDUCTIONS):
+        # output_stride < 32 (dilated last stages): reductions repeat (4, 8, 16, 16); the four stage
+        # points are still the last four feature points, in order
+        ends = {r: step_index(i["module"]) for r, i in zip(STAGE_REDUCTIONS, staged)}
     if sorted(ends) != list(STAGE_REDUCTIONS):
         raise ValueError(f"{family} has feature points at reductions {sorted(ends)}, expected {STAGE_REDUCTIONS}")
     bounds = [ends[r] for r in STAGE_REDUCTIONS]

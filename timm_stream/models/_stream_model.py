@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..engine import StreamingCNN, freeze_norm_layers
 from ._families import TrunkSplit
+from . import _features
 
 __all__ = ["StreamingModelMixin", "InputNormalizer", "SubmoduleOf", "make_streaming", "rebuild_streaming_model"]
 
@@ -126,10 +127,18 @@ class StreamingModelMixin:
             x = module(x)
         return x
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"{type(self).__name__} streams its first stages and has no un-tiled intermediate features; "
-            "use forward_features() for the final feature map")
+    def forward_intermediates(self, x: Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, **kwargs):
+        """The base model's ``forward_intermediates``; the streamed stages' maps are stitched by the engine,
+        cut after each requested feature (see :mod:`timm_stream.models._features` for the cost)."""
+        return _features.forward_intermediates(self, x, indices, norm=norm, stop_early=stop_early,
+                                               output_fmt=output_fmt, intermediates_only=intermediates_only,
+                                               **kwargs)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True, **kwargs):
+        """The base model's ``prune_intermediate_layers``; the streamed part is rebuilt from what remains."""
+        return _features.prune_intermediate_layers(self, indices, prune_norm=prune_norm, prune_head=prune_head,
+                                                   **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of the un-tiled tail (the streamed part never keeps activations)."""
@@ -207,13 +216,15 @@ def _input_normalizer(model: nn.Module, streamed: Sequence[tuple[str, nn.Module]
 
 def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile_size, *,
                    normalize_input: bool = False, train_tail_norms: bool = False,
-                   progress: bool = False) -> nn.Module:
+                   progress: bool = False, outputs: Sequence[str] = ()) -> nn.Module:
     streamed = split.streamed(stream_stages)
     _disable_stochastic([m for _, m in streamed])
     preprocess = None
     if normalize_input:
         preprocess = _input_normalizer(model, streamed)
-    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model))
+    # outputs: steps whose stitched maps are features (features_only): each ends a piece
+    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model),
+                            outputs=outputs)
     model.__class__ = _streaming_class(type(model))
     # Held outside the module tree: every parameter keeps its one, base-model name.
     object.__setattr__(model, "_streamer", streamer)
