@@ -70,15 +70,16 @@ class StreamComparison:
 
 
 def compare_streaming(model: nn.Module, x: Tensor, set_streaming: Callable[[bool], None], *,
-                      input_grad: bool = True, seed: int = 0) -> StreamComparison:
-    """Run ``model`` streamed and un-tiled on ``x`` with the same random output gradient; return the
-    relative errors of the output, the input gradient and every trainable parameter's gradient."""
+                      input_grad: bool = True, seed: int = 0, **forward_kwargs) -> StreamComparison:
+    """Run ``model`` streamed and un-tiled on ``x`` (``model(x, **forward_kwargs)``, e.g. ``mask=``)
+    with the same random output gradient; return the relative errors of the output, the input
+    gradient and every trainable parameter's gradient."""
     results = {}
     for streaming in (False, True):
         set_streaming(streaming)
         model.zero_grad(set_to_none=True)
         inp = x.detach().clone().requires_grad_(input_grad and x.is_floating_point())
-        out = model(inp)
+        out = model(inp, **forward_kwargs)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         out.backward(grad.to(out.device, out.dtype))
         results[streaming] = (
