@@ -52,7 +52,10 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
         train_tail_norms: let the norm layers outside the streamed part (tail and head) train
             (default: frozen, since batches of huge images hold one or two images).
         progress: progress bar over tiles.
-        **kwargs: everything the base architecture accepts (num_classes, in_chans, global_pool,
+        global_pool: timm's pooling names, plus ``"attention"`` (gated attention MIL, Ilse et al. 2018,
+            with its own parameters). Avg/max/avgmax/catavgmax/attention accept masks
+            (``model(x, mask=m)``) and, when every stage is streamed, are computed while streaming.
+        **kwargs: everything the base architecture accepts (num_classes, in_chans,
             drop_rate, drop_path_rate, pretrained_cfg, pretrained_cfg_overlay, cache_dir...).
     """
     if kwargs.pop("features_only", False):
@@ -61,6 +64,9 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
             "network from the base model's children and silently run it un-tiled. Use "
             "model.forward_features(x) for the streamed feature map.")
     stream_stages = local_stages if stream_stages is None else _check_stream_stages(stream_stages)
+    pool_type = kwargs.get("global_pool")
+    if pool_type == "attention":  # not a timm pool: build the base with 'avg', then replace it
+        kwargs["global_pool"] = "avg"
     # The registered stream cfgs mirror the base's; an unregistered base (being checked) uses its own.
     registered = is_model(stream_name(base))
     cfg = resolve_pretrained_cfg(stream_name(base) if registered else base,
@@ -69,7 +75,8 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
     cfg = dataclasses.replace(cfg, architecture=stream_name(base))
     model = model_entrypoint(base)(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), **kwargs)
     split = split_trunk(model)
-    options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress)
+    options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress,
+                   pool_type=pool_type)
     if tile_size is not None:
         return make_streaming(model, split, stream_stages, tile_size, **options)
     try:

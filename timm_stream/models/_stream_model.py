@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine import StreamingCNN, freeze_norm_layers
+from ..engine import NonLocalModuleError, StreamingCNN, final_mask, freeze_norm_layers
 from ._families import TrunkSplit
+from ._pooling import StreamedPool, install_pooling
 
 __all__ = ["StreamingModelMixin", "InputNormalizer", "make_streaming"]
 
@@ -68,6 +69,52 @@ class StreamingModelMixin:
     def stream_plan(self, input_size: Sequence[int]):
         """What streaming an image of ``input_size`` (H, W) does: tiles, overlap, stride, halo."""
         return self._streamer.plan(input_size)
+
+    # ---------------------------------------------------------------- pooling and masks
+    def forward(self, x, mask: Tensor | None = None) -> Tensor:
+        """Logits ``(N, num_classes)`` for ``x`` (a tensor or a lazy image ``(N, C, H, W)``).
+
+        ``mask``: bool ``(N, 1, h, w)`` at any resolution covering the image: final-map positions
+        outside it are left out of the global pooling (rule: ``timm_stream.engine.final_mask``). With
+        every stage streamed the pooling runs while streaming (the final map is never stitched) and
+        tiles without a masked-in output are neither read nor computed. Raises ``ValueError`` for a
+        mask on a model whose pooling cannot take one."""
+        pool: StreamedPool | None = getattr(self, "_stream_pool", None)
+        if pool is None:
+            if mask is not None:
+                raise ValueError(f"{type(self).__name__} has no maskable global pooling (its global_pool is not one "
+                                 "of avg/max/avgmax/catavgmax/attention, or its head pools after other layers): "
+                                 "drop mask= or create the model with global_pool='avg'")
+            return super().forward(x)  # type: ignore[misc]
+        if self._pool_streamed:
+            pooled = self._streamer(x, mask=mask, pool=pool.reducer)
+        else:
+            features = self.forward_features(x)
+            pooled = pool.reducer(features, final_mask(mask, features.shape[0], features.shape[-2:],
+                                                       features.device))
+        return self.forward_head(pooled)  # type: ignore[attr-defined]
+
+    @property
+    def pooling_streamed(self) -> bool:
+        """True when the global pooling is computed while streaming (no stitched final map)."""
+        return bool(getattr(self, "_pool_streamed", False))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *args, **kwargs) -> None:
+        pool: StreamedPool | None = getattr(self, "_stream_pool", None)
+        if global_pool is None and pool is not None:
+            global_pool = pool.pool_type
+        old = pool.reducer if pool is not None else None
+        # timm builds a fresh SelectAdaptivePool2d ('attention' is ours: built as 'avg', then replaced)
+        super().reset_classifier(num_classes, "avg" if global_pool == "attention" else global_pool,  # type: ignore[misc]
+                                 *args, **kwargs)
+        if old is not None and global_pool == pool.pool_type:
+            found = install_pooling(self, global_pool, self.num_features)  # type: ignore[arg-type,attr-defined]
+            if found is not None:
+                found.reducer = old  # keep trained attention parameters
+        else:
+            found = install_pooling(self, global_pool, self.num_features)  # type: ignore[arg-type,attr-defined]
+        object.__setattr__(self, "_stream_pool", found)
+        object.__setattr__(self, "_pool_streamed", found is not None and self._tail_streamed)
 
     # ---------------------------------------------------------------- timm model API
     def forward_features(self, x: Tensor) -> Tensor:
@@ -134,19 +181,37 @@ def _disable_stochastic(modules: Sequence[nn.Module]) -> list[str]:
 
 def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile_size, *,
                    normalize_input: bool = False, train_tail_norms: bool = False,
-                   progress: bool = False) -> nn.Module:
-    streamed = split.streamed(stream_stages)
-    _disable_stochastic([m for _, m in streamed])
+                   progress: bool = False, pool_type: str | None = None) -> nn.Module:
+    pool = install_pooling(model, pool_type, model.num_features)
     preprocess = None
     if normalize_input:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         preprocess = InputNormalizer(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)),
                                      model)
-    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress)
+    streamer, tail_streamed = None, stream_stages == len(split.stages) and not split.tail
+    if stream_stages == len(split.stages) and split.tail:
+        # Everything streamed: the tail (ConvNeXt's norm_pre, EfficientNet's conv_head/bn2, ...) joins the
+        # streamed part when it is local, so that pooling can run while streaming; else it stays un-tiled.
+        joined = TrunkSplit(split.family, split.stem, split.stages[:-1] + [split.stages[-1] + split.tail], [])
+        _disable_stochastic([m for _, m in joined.streamed(stream_stages)])
+        try:
+            streamer = StreamingCNN(joined.streamed(stream_stages), tile_size, preprocess=preprocess,
+                                    progress=progress)
+        except NonLocalModuleError:
+            pass
+        else:
+            split, tail_streamed = joined, True
+    if streamer is None:
+        streamed = split.streamed(stream_stages)
+        _disable_stochastic([m for _, m in streamed])
+        streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress)
     model.__class__ = _streaming_class(type(model))
     # Held outside the module tree: every parameter keeps its one, base-model name.
     object.__setattr__(model, "_streamer", streamer)
     object.__setattr__(model, "_split", split)
+    object.__setattr__(model, "_stream_pool", pool)
+    object.__setattr__(model, "_tail_streamed", tail_streamed)
+    object.__setattr__(model, "_pool_streamed", pool is not None and tail_streamed)
     model.stream_stages = stream_stages
     model.train_tail_norms = train_tail_norms
     model.train(model.training)
