@@ -118,3 +118,14 @@ def test_lightning_module_passes_masks_and_accepts_attention():
         assert relative_error(module(images, mask=~mask), masked) > 1e-6  # the mask reaches the pooling
         batch = {"image": RecordingLazyImage(images), "label": torch.tensor([1]), "path": ["a"], "mask": mask}
         assert torch.allclose(module.predict_step(batch, 0)["probs"], masked.softmax(1))
+
+
+@pytest.mark.parametrize("pool", ["max", "attention"])
+def test_pooling_survives_save_and_load(tmp_path, pool):
+    model = model_for(pool).float().eval()
+    timm_stream.save_pretrained(model, tmp_path / "m")
+    loaded = timm_stream.load_pretrained(tmp_path / "m").eval()
+    assert loaded.global_pool.pool_type == pool
+    x = torch.randn(1, 3, 96, 80)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

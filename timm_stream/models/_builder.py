@@ -11,6 +11,7 @@ from torch import nn
 
 from ..engine import TileTooSmallError
 from ._families import STAGE_REDUCTIONS, split_trunk
+from ._pooling import load_pretrained_with_attention
 from ._stream_model import make_streaming
 
 __all__ = ["STREAM_PREFIX", "DEFAULT_TILE_SIZE", "create_stream_model", "stream_name", "base_name"]
@@ -73,7 +74,11 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
                                  pretrained_cfg=kwargs.pop("pretrained_cfg", None),
                                  pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None))
     cfg = dataclasses.replace(cfg, architecture=stream_name(base))
-    model = model_entrypoint(base)(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), **kwargs)
+    # attention parameters must exist before weights that may hold them load (timm loads while building)
+    late_load = pretrained and pool_type == "attention"
+    model = model_entrypoint(base)(pretrained=pretrained and not late_load, pretrained_cfg=cfg.to_dict(), **kwargs)
+    if late_load:
+        load_pretrained_with_attention(model, model.num_classes, kwargs.get("in_chans", 3))
     split = split_trunk(model)
     options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress,
                    pool_type=pool_type)

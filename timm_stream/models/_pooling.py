@@ -1,7 +1,7 @@
 """Global pooling of a stream model: masked, streamed when the whole trunk is, attention-MIL included.
 
-:class:`StreamedPool` takes the place of the head's ``global_pool`` (timm's ``SelectAdaptivePool2d``,
-which has no parameters, so the state dict keys of avg/max/avgmax/catavgmax models stay the base's).
+:class:`StreamedPool` (a ``SelectAdaptivePool2d``) takes the place of the head's ``global_pool``: the module
+tree and state dict keys of avg/max/avgmax/catavgmax models stay the base's.
 It holds an engine :class:`~timm_stream.engine.Reducer`; the model's ``forward(x, mask)`` hands the
 reducer to the streamer (pooled while streaming: the final map is never stitched) or applies it to the
 stitched map (when stages are left un-streamed), then runs the rest of timm's own head on the pooled
@@ -10,6 +10,7 @@ parameters under ``<global_pool path>.reducer``.
 """
 from __future__ import annotations
 
+from timm.layers import SelectAdaptivePool2d
 from torch import Tensor, nn
 
 from ..engine import REDUCER_NAMES, Reducer, make_reducer
@@ -21,30 +22,36 @@ POOL_FIRST_FAMILIES = ("ResNet", "ResNetV2", "ConvNeXt", "RegNet", "DenseNet", "
                        "XceptionAligned", "Xception", "EfficientNet", "MobileNetV3")
 
 
-class StreamedPool(nn.Module):
-    """The head's global pool, by an engine reducer. ``forward`` takes a feature map ``(N, C, H, W)``
-    (pooled un-tiled, every position: ``forward_head(forward_features(x))`` still works) or features
-    pooled already ``(N, F)`` (what the model's ``forward`` passes), and returns ``(N, F)``, or
-    ``(N, F, 1, 1)`` where timm's pool did not flatten (ConvNeXt, MobileNetV3, DLA heads)."""
+class StreamedPool(SelectAdaptivePool2d):
+    """The head's global pool, knowing its engine reducer. ``forward`` takes a feature map
+    ``(N, C, H, W)`` (pooled un-tiled over every position, by timm's own pooling for timm's pool types:
+    ``forward_head(forward_features(x))`` works as in timm) or features pooled already ``(N, F)`` (what
+    the model's ``forward`` passes), and returns ``(N, F)``, or ``(N, F, 1, 1)`` where timm's pool does
+    not flatten (ConvNeXt, MobileNetV3, DLA heads).
+
+    A subclass of timm's ``SelectAdaptivePool2d`` with the same children: the module tree and state dict
+    of avg/max/avgmax/catavgmax models stay the base model's (their reducers have no parameters and are
+    held outside the tree); the attention reducer is the child ``reducer``."""
 
     def __init__(self, reducer: Reducer, pool_type: str, flatten: bool):
-        super().__init__()
-        self.reducer = reducer
+        super().__init__(pool_type="avg" if pool_type == "attention" else pool_type, flatten=flatten)
         self.pool_type = pool_type
-        self.flatten = bool(flatten)
+        if any(True for _ in reducer.parameters()):
+            self.reducer = reducer
+        else:
+            object.__setattr__(self, "reducer", reducer)
+
+    @property
+    def flattens(self) -> bool:
+        return isinstance(self.flatten, nn.Flatten)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = x if x.dim() == 2 else self.reducer(x)
-        return pooled if self.flatten else pooled[:, :, None, None]
-
-    def feat_mult(self) -> int:  # timm's SelectAdaptivePool2d API (reset_classifier uses it)
-        return 2 if self.pool_type == "catavgmax" else 1
-
-    def is_identity(self) -> bool:
-        return False
-
-    def extra_repr(self) -> str:
-        return f"pool_type={self.pool_type!r}, flatten={self.flatten}"
+        if x.dim() == 2:
+            return x if self.flattens else x[:, :, None, None]
+        if self.pool_type == "attention":
+            pooled = self.reducer(x)
+            return pooled if self.flattens else pooled[:, :, None, None]
+        return super().forward(x)
 
 
 def find_global_pool(model: nn.Module) -> tuple[nn.Module, str] | None:
@@ -79,9 +86,38 @@ def install_pooling(model: nn.Module, pool_type: str | None, channels: int) -> S
         params = next(iter(model.parameters()), None)
         if params is not None:
             reducer.to(device=params.device, dtype=params.dtype)
-    flatten = current.flatten if isinstance(current, StreamedPool) else isinstance(
-        getattr(current, "flatten", None), nn.Flatten)
+    flatten = isinstance(getattr(current, "flatten", None), nn.Flatten)
     pool = StreamedPool(reducer, pool_type, flatten)
     pool.train(current.training)
     setattr(parent, name, pool)
     return pool
+
+
+def load_pretrained_with_attention(model: nn.Module, num_classes: int, in_chans: int) -> None:
+    """timm's pretrained loading for a model whose pool becomes attention: the attention parameters are
+    installed first, so that a checkpoint saved with them (a shared fine-tuned model) loads them, and
+    a checkpoint without them (timm's ImageNet weights) leaves them at their initialization. Any other
+    missing or unexpected key fails as in a strict load."""
+    from timm.models import load_pretrained
+
+    pool = install_pooling(model, "attention", model.num_features)
+    if pool is None:
+        raise ValueError(f"{type(model).__name__} cannot take global_pool='attention' (its head does not pool "
+                         "first): use another global_pool")
+    prefix = next(name for name, m in model.named_modules() if m is pool)
+    attention = {f"{prefix}.reducer.{key}" for key in pool.reducer.state_dict()}
+    original = model.load_state_dict
+
+    def load_state_dict(state_dict, strict: bool = True, **kwargs):
+        result = original(state_dict, strict=False, **kwargs)
+        missing = set(result.missing_keys) - attention
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"loading the pretrained weights of {type(model).__name__}: missing keys "
+                               f"{sorted(missing)}, unexpected keys {sorted(result.unexpected_keys)}")
+        return result
+
+    model.load_state_dict = load_state_dict  # only for timm's loader below
+    try:
+        load_pretrained(model, num_classes=num_classes, in_chans=in_chans, strict=True)
+    finally:
+        del model.load_state_dict

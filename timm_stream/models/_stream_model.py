@@ -103,16 +103,13 @@ class StreamingModelMixin:
         pool: StreamedPool | None = getattr(self, "_stream_pool", None)
         if global_pool is None and pool is not None:
             global_pool = pool.pool_type
-        old = pool.reducer if pool is not None else None
+        kept = pool.reducer if pool is not None and pool.pool_type == global_pool == "attention" else None
         # timm builds a fresh SelectAdaptivePool2d ('attention' is ours: built as 'avg', then replaced)
         super().reset_classifier(num_classes, "avg" if global_pool == "attention" else global_pool,  # type: ignore[misc]
                                  *args, **kwargs)
-        if old is not None and global_pool == pool.pool_type:
-            found = install_pooling(self, global_pool, self.num_features)  # type: ignore[arg-type,attr-defined]
-            if found is not None:
-                found.reducer = old  # keep trained attention parameters
-        else:
-            found = install_pooling(self, global_pool, self.num_features)  # type: ignore[arg-type,attr-defined]
+        found = install_pooling(self, global_pool, self.num_features)  # type: ignore[arg-type,attr-defined]
+        if found is not None and kept is not None:
+            found.reducer = kept  # the trained attention parameters stay
         object.__setattr__(self, "_stream_pool", found)
         object.__setattr__(self, "_pool_streamed", found is not None and self._tail_streamed)
 
