@@ -66,9 +66,10 @@ class StreamingModelMixin:
         """The engine running the streamed part (``.plan(size)``, ``.geometry``)."""
         return self._streamer
 
-    def stream_plan(self, input_size: Sequence[int]):
-        """What streaming an image of ``input_size`` (H, W) does: tiles, overlap, stride, halo."""
-        return self._streamer.plan(input_size)
+    def stream_plan(self, input_size: Sequence[int], lazy: bool = False):
+        """What streaming an image of ``input_size`` (H, W) does in ``forward``: tiles, overlap, stride,
+        halo (``lazy``: for a lazy image input; with pooling streamed it may then run as one piece)."""
+        return self._streamer.plan(input_size, lazy=lazy, pooled=self.pooling_streamed)
 
     # ---------------------------------------------------------------- pooling and masks
     def forward(self, x, mask: Tensor | None = None) -> Tensor:
