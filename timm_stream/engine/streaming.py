@@ -357,7 +357,8 @@ class StreamingCNN(nn.Module):
                 "is the whole network's halo recomputed on every tile, see overlap)",)
         return default + ("pooling streamed, lazy input, but the tile is smaller than the whole network's "
                           "receptive field needs for one piece: stitched maps between pieces grow with the "
-                          "image; raise tile_size to keep memory flat",)
+                          "image, and a mask skips tiles of the last piece only; raise tile_size to keep "
+                          "memory flat",)
 
     def _mode_key(self) -> tuple:
         return tuple(m.training for m in self.module.modules())
