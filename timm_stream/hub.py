@@ -93,13 +93,17 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
 
 
 def _streaming_args(model: nn.Module) -> dict[str, Any]:
-    return {
+    args = {
         "tile_size": list(model.tile_size),
         "stream_stages": model.stream_stages,
         "normalize_input": isinstance(model.streamer.preprocess, InputNormalizer),
         "train_tail_norms": bool(model.train_tail_norms),
         "num_classes": model.num_classes,
     }
+    pool = getattr(model, "_stream_pool", None)
+    if pool is not None:  # 'max', 'attention' (its parameters are in the weights)...: rebuilt the same
+        args["global_pool"] = pool.pool_type
+    return args
 
 
 def _finish_config(path: Path) -> None:

@@ -81,15 +81,16 @@ class StreamComparison:
 
 
 def compare_streaming(model: nn.Module, x: Tensor, set_streaming: Callable[[bool], None], *,
-                      input_grad: bool = True, seed: int = 0) -> StreamComparison:
-    """Run ``model`` streamed and un-tiled on ``x`` with the same random output gradient; return the
-    relative errors of the output, the input gradient and every trainable parameter's gradient."""
+                      input_grad: bool = True, seed: int = 0, **forward_kwargs) -> StreamComparison:
+    """Run ``model`` streamed and un-tiled on ``x`` (``model(x, **forward_kwargs)``, e.g. ``mask=``)
+    with the same random output gradient; return the relative errors of the output, the input
+    gradient and every trainable parameter's gradient."""
     results = {}
     for streaming in (False, True):
         set_streaming(streaming)
         model.zero_grad(set_to_none=True)
         inp = x.detach().clone().requires_grad_(input_grad and x.is_floating_point())
-        out = model(inp)
+        out = model(inp, **forward_kwargs)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         out.backward(grad.to(out.device, out.dtype))
         results[streaming] = (
@@ -106,3 +107,30 @@ def compare_streaming(model: nn.Module, x: Tensor, set_streaming: Callable[[bool
         input_grad=relative_error(gx1, gx0) if gx0 is not None else None,
         param_grads={n: relative_error(gp1[n], gp0[n]) for n in gp0},
     )
+
+
+class RecordingLazyImage:
+    """A lazy image (the engine's lazy image protocol) over an in-memory tensor that records every
+    region read: ``reads`` lists ``(rows, cols)`` slices, ``threads`` the reading threads' names.
+    For tests: whether masked-out regions are read, whether reads are prefetched in the background."""
+
+    def __init__(self, data: Tensor):
+        import threading
+
+        self._data = data
+        self.shape = data.shape
+        self.dtype = data.dtype
+        self.ndim = 4
+        self.device = torch.device("cpu")
+        self.reads: list[tuple[slice, slice]] = []
+        self.threads: list[str] = []
+        self._lock = threading.Lock()
+
+    def __getitem__(self, index) -> Tensor:
+        import threading
+
+        _, _, rows, cols = index
+        with self._lock:
+            self.reads.append((rows, cols))
+            self.threads.append(threading.current_thread().name)
+        return self._data[index].clone(memory_format=torch.contiguous_format)

@@ -18,6 +18,15 @@ Invariants (see :mod:`.geometry` for why they make the result exact):
 * The input may live on another device and dtype than the module (a uint8 slide in host memory):
   each tile is moved to the module's device and passed through ``preprocess`` there; the input
   gradient is accumulated on the input's device.
+* Where the tiles' outputs go is the runner's *sink*: :class:`StitchSink` (the default) writes each
+  tile's owned crop into the stitched output map; :class:`ReduceSink` feeds it to a streamed pooling
+  (:mod:`.reducers`), so the Function returns the pooling's statistics ``S`` instead of a map and its
+  backward receives ``dL/dS``. Either way a tile's outputs are the positions it *owns* (disjoint over
+  tiles) and backward pulls exactly that tile's share of the output gradient through it.
+* A sink may skip tiles (a mask that excludes all of a tile's owned outputs): a skipped tile is neither
+  read nor computed, in forward or backward.
+* The input may be a lazy image (``is_lazy_image``): only tile regions are read (the next one in a
+  background thread while the current tile computes), and it gets no gradient.
 """
 from __future__ import annotations
 
@@ -31,9 +40,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .lazy import prefetch_regions
 from .plan import Tile, TilePlan
+from .reducers import Reducer
 
-__all__ = ["TileRunner", "StreamFunction"]
+__all__ = ["TileRunner", "StreamFunction", "StitchSink", "ReduceSink"]
 
 
 @dataclass(frozen=True)
@@ -80,20 +91,89 @@ def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
     return tqdm(items, desc=desc, leave=False)
 
 
-class TileRunner:
-    """Runs ``module`` on the tiles of ``plan``: the forward stitching and the backward recomputation.
+class StitchSink:
+    """Stitch each tile's owned crop into one output map ``(N, C, *plan.output_size)`` (one output)."""
 
-    ``params`` are the trainable parameters the module uses; the Function returns their gradients.
-    ``watched``: ``(path, tensor)`` of every parameter and buffer the tiles are recomputed from; the
-    Function refuses a backward after any of them was changed in place since forward.
+    def __init__(self, plan: TilePlan):
+        self.plan = plan
+        self.out: Tensor | None = None
+
+    def wants(self, tile: Tile) -> bool:
+        return True
+
+    def add(self, y: Tensor, tile: Tile) -> None:
+        if self.out is None:
+            n, c = y.shape[:2]
+            self.out = y.new_empty((n, c) + tuple(self.plan.output_size))
+        rows, cols = tile.output_region
+        self.out[:, :, rows, cols] = y
+
+    def outputs(self) -> tuple[Tensor, ...]:
+        assert self.out is not None
+        return (self.out,)
+
+    def backward_pair(self, y: Tensor, tile: Tile, grads: Sequence[Tensor]):
+        rows, cols = tile.output_region
+        return (y,), (grads[0][:, :, rows, cols],)
+
+
+class ReduceSink:
+    """Feed each tile's owned crop to ``reducer``; the outputs are its statistics ``S``.
+
+    ``mask``: bool ``(N, 1, *plan.output_size)`` or None; tiles whose owned outputs are all masked out
+    are skipped. ``state`` holds the non-differentiable rest (counts, the softmax shift, argmax
+    positions) for ``reducer.finalize``."""
+
+    def __init__(self, plan: TilePlan, reducer: Reducer, mask: Tensor | None):
+        self.plan, self.reducer, self.mask = plan, reducer, mask
+        self.state: dict | None = None
+
+    def _mask(self, tile: Tile, device: torch.device) -> Tensor | None:
+        if self.mask is None:
+            return None
+        rows, cols = tile.output_region
+        return self.mask[:, :, rows, cols].to(device)
+
+    def wants(self, tile: Tile) -> bool:
+        return self.mask is None or bool(self._mask(tile, self.mask.device).any())
+
+    def _where(self, tile: Tile) -> tuple[tuple[int, int], tuple[int, int]]:
+        rows, cols = tile.output_region
+        return (rows.start, cols.start), tuple(self.plan.output_size)
+
+    def add(self, y: Tensor, tile: Tile) -> None:
+        if self.state is None:
+            self.state = self.reducer.start(y)
+        self.reducer.accumulate(self.state, y, self._mask(tile, y.device), *self._where(tile))
+
+    def outputs(self) -> tuple[Tensor, ...]:
+        if self.state is None:
+            raise ValueError("the mask excludes every tile of the image: nothing to pool; pass a mask with "
+                             "at least one True position (or mask=None)")
+        return tuple(self.reducer.statistics(self.state))
+
+    def backward_pair(self, y: Tensor, tile: Tile, grads: Sequence[Tensor]):
+        stats = self.reducer.tile_statistics(y, self._mask(tile, y.device), *self._where(tile), self.state)
+        return tuple(stats), tuple(g.to(s.device, s.dtype) for g, s in zip(grads, stats))
+
+
+class TileRunner:
+    """Runs ``module`` on the tiles of ``plan``: the forward pass into ``sink`` (default: stitching)
+    and the backward recomputation.
+
+    ``params`` are the trainable parameters the module (and the sink's reducer) use; the Function
+    returns their gradients. ``watched``: ``(path, tensor)`` of every parameter and buffer the tiles are
+    recomputed from; the Function refuses a backward after any of them was changed in place since forward.
     """
 
     def __init__(self, module: nn.Module, plan: TilePlan, params: Sequence[Tensor], device: torch.device,
                  preprocess: Callable[[Tensor], Tensor] | None = None, progress: bool = False,
-                 keep_last_tile: bool = True, watched: Sequence[tuple[str, Tensor]] = ()):
+                 keep_last_tile: bool = True, sink: StitchSink | ReduceSink | None = None,
+                 watched: Sequence[tuple[str, Tensor]] = ()):
         self.module = module
         self.plan = plan
-        self.tiles = plan.tiles
+        self.sink = sink if sink is not None else StitchSink(plan)
+        self.tiles = [tile for tile in plan.tiles if self.sink.wants(tile)]
         self.params = list(params)
         self.device = device
         self.preprocess = preprocess
@@ -101,59 +181,67 @@ class TileRunner:
         self.keep_last_tile = keep_last_tile
         self.watched = list(watched)
 
-    def _load(self, x: Tensor, tile: Tile, requires_grad: bool) -> tuple[Tensor, Tensor]:
+    def _load(self, region: Tensor, requires_grad: bool) -> tuple[Tensor, Tensor]:
         """The tile's raw pixels on the module's device (a leaf if its gradient is wanted) and the
         module's input made from them."""
-        rows, cols = tile.input_region
-        raw = x[:, :, rows, cols].detach().to(self.device, non_blocking=True)
+        raw = region.detach().to(self.device, non_blocking=True)
         if requires_grad:
             raw.requires_grad_(True)
         return raw, (self.preprocess(raw) if self.preprocess is not None else raw)
 
-    def _run(self, x: Tensor, tile: Tile, requires_grad: bool) -> tuple[Tensor, Tensor]:
+    def _run(self, region: Tensor, tile: Tile, requires_grad: bool) -> tuple[Tensor, Tensor]:
         if self.device.type == "cpu":
             _release_host_memory()
-        raw, inp = self._load(x, tile, requires_grad)
+        raw, inp = self._load(region, requires_grad)
         rows, cols = tile.crop
         out = self.module(inp)[:, :, rows, cols]
         return raw, out
 
-    def forward(self, x: Tensor, keep_last: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Stitched output; with ``keep_last`` (grad mode is then enabled for that tile only) also the
-        last tile's (raw input leaf, output) with its graph."""
-        out: Tensor | None = None
+    def _regions(self, x, indices: Sequence[int]):
+        return prefetch_regions(x, [self.tiles[i].input_region for i in indices])
+
+    def forward(self, x, keep_last: bool) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor] | None]:
+        """The sink's outputs; with ``keep_last`` (grad mode is then enabled for that tile only) also
+        the last tile's (raw input leaf, output) with its graph."""
         kept = None
         last = len(self.tiles) - 1
-        for index, tile in enumerate(_progress(self.tiles, self.progress, "streaming forward")):
+        indices = list(range(len(self.tiles)))
+        regions = self._regions(x, indices)
+        for index in _progress(indices, self.progress, "streaming forward"):
+            tile = self.tiles[index]
             keep = keep_last and self.keep_last_tile and index == last
+            region = next(regions)
             with torch.enable_grad() if keep else torch.no_grad():
-                raw, y = self._run(x, tile, requires_grad=keep and x.requires_grad)
-            if out is None:
-                n, c = y.shape[:2]
-                out = y.new_empty((n, c) + tuple(self.plan.output_size))
-            rows, cols = tile.output_region
-            out[:, :, rows, cols] = y.detach()
+                raw, y = self._run(region, tile, requires_grad=keep and _requires_grad(x))
+            del region
+            with torch.no_grad():
+                self.sink.add(y.detach(), tile)
             if keep:
                 kept = (raw, y)
-        assert out is not None
-        return out, kept
+        return self.sink.outputs(), kept
 
-    def backward(self, x: Tensor, grad_out: Tensor, kept: tuple[Tensor, Tensor] | None,
+    def backward(self, x, grad_outputs: Sequence[Tensor], kept: tuple[Tensor, Tensor] | None,
                  input_grad: bool, autocast: AutocastState) -> tuple[Tensor | None, list[Tensor | None]]:
         grad_x = torch.zeros_like(x) if input_grad else None
         grads: list[Tensor | None] = [None] * len(self.params)
         order = list(range(len(self.tiles)))[::-1]  # the kept (last) tile first, to free it early
+        recomputed = order[1:] if kept is not None else order
+        regions = self._regions(x, recomputed)
         for index in _progress(order, self.progress, "streaming backward"):
             tile = self.tiles[index]
             if kept is not None and index == order[0]:
                 (raw, y), kept = kept, None
-            else:
                 with torch.enable_grad(), autocast():
-                    raw, y = self._run(x, tile, requires_grad=input_grad)
-            rows, cols = tile.output_region
+                    outputs, out_grads = self.sink.backward_pair(y, tile, grad_outputs)
+            else:
+                region = next(regions)
+                with torch.enable_grad(), autocast():
+                    raw, y = self._run(region, tile, requires_grad=input_grad)
+                    outputs, out_grads = self.sink.backward_pair(y, tile, grad_outputs)
+                del region
             inputs = ([raw] if input_grad else []) + self.params
-            tile_grads = torch.autograd.grad(y, inputs, grad_out[:, :, rows, cols], allow_unused=True)
-            del y
+            tile_grads = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True)
+            del y, outputs
             if input_grad:
                 in_rows, in_cols = tile.input_region
                 grad_x[:, :, in_rows, in_cols] += tile_grads[0].to(grad_x.device, grad_x.dtype)
@@ -164,29 +252,37 @@ class TileRunner:
         return grad_x, grads
 
 
+def _requires_grad(x) -> bool:
+    return isinstance(x, Tensor) and x.requires_grad
+
+
 class StreamFunction(torch.autograd.Function):
-    """``apply(runner, x, *params) -> output``; see the module docstring for the invariants."""
+    """``apply(runner, x, *params) -> outputs of runner.sink`` (one tensor for the stitching sink, the
+    statistics tuple for a reducing sink); ``x`` may be a tensor or a lazy image. See the module
+    docstring for the invariants."""
 
     @staticmethod
-    def forward(ctx, runner: TileRunner, x: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, runner: TileRunner, x, *params: Tensor):
         ctx.runner = runner
         ctx.autocast = AutocastState.capture(runner.device.type)
-        out, ctx.kept = runner.forward(x, keep_last=True)
+        outputs, ctx.kept = runner.forward(x, keep_last=True)
         # Backward recomputes every tile from these tensors: remember their version counters (what
         # autograd does for the tensors it saves) to refuse gradients of a function never evaluated.
         ctx.versions = [(name, t, t._version) for name, t in runner.watched]
-        if x.is_inference():
+        ctx.plain_input = None
+        if not isinstance(x, Tensor):  # a lazy image: read again by region in backward, never differentiated
+            ctx.plain_input = x
+        elif x.is_inference():
             # An inference tensor (made under torch.inference_mode) cannot be saved for backward, and
             # cannot be changed in place outside inference mode either: keep a plain reference, as
             # un-tiled autograd needs none for an input that is converted before its first operation.
-            ctx.inference_input = x
+            ctx.plain_input = x
         else:
-            ctx.inference_input = None
             ctx.save_for_backward(x)
-        return out
+        return outputs[0] if len(outputs) == 1 else outputs
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, *grad_outputs: Tensor):
         if torch.is_grad_enabled():  # backward(create_graph=True) / autograd.grad(..., create_graph=True)
             raise RuntimeError(
                 "double backward (create_graph=True, e.g. a gradient penalty) is not supported through a "
@@ -194,11 +290,11 @@ class StreamFunction(torch.autograd.Function):
                 "gradients as constants, so their own gradient would be wrong. Compute such a loss with "
                 "streaming switched off (model.streaming = False, un-tiled) or only on the layers after "
                 "the streamed part")
-        return StreamFunction._backward(ctx, grad_out)
+        return StreamFunction._backward(ctx, *grad_outputs)
 
     @staticmethod
     @once_differentiable
-    def _backward(ctx, grad_out: Tensor):
+    def _backward(ctx, *grad_outputs: Tensor):
         for name, tensor, version in ctx.versions:
             if tensor._version != version:
                 raise RuntimeError(
@@ -208,7 +304,8 @@ class StreamFunction(torch.autograd.Function):
                     f"backward from the current parameters and buffers, so changing them between forward "
                     f"and backward (optimizer.step(), in-place updates, loading weights) would give the "
                     f"gradient of a function that was never evaluated: run the forward again after the change")
-        (x,) = ctx.saved_tensors if ctx.inference_input is None else (ctx.inference_input,)
+        x = ctx.saved_tensors[0] if ctx.plain_input is None else ctx.plain_input
         kept, ctx.kept = ctx.kept, None
-        grad_x, grads = ctx.runner.backward(x, grad_out, kept, ctx.needs_input_grad[1], ctx.autocast)
+        input_grad = ctx.needs_input_grad[1] and isinstance(x, Tensor)
+        grad_x, grads = ctx.runner.backward(x, grad_outputs, kept, input_grad, ctx.autocast)
         return (None, grad_x, *grads)

@@ -5,6 +5,11 @@ piece is the input of the next, and each piece is tiled with only its own recept
 stages have large halos but small feature maps, so stitching after them removes most recomputation
 (the stitched maps are kept, which is why ``stitch="auto"`` keeps them at most twice the input's size).
 Pieces compose exactly because each is exact; autograd chains them.
+
+With streamed pooling (``pool=``, a :class:`~.reducers.Reducer`) the last piece feeds a reducer
+instead of stitching: the final map never exists, and ``mask=`` excludes final-map positions (tiles
+whose outputs are all excluded are neither read nor computed). A lazy image input is streamed as one
+piece when the tile allows it, so that no stitched intermediate map grows with the image.
 """
 from __future__ import annotations
 
@@ -16,12 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StreamingError, TileTooSmallError, TraceError
-from .function import StreamFunction, TileRunner
+from .function import ReduceSink, StreamFunction, TileRunner
 from .geometry import AxisGeometry, PerAxisGeometry, lcm
+from .lazy import is_lazy_image, read_whole
 from .plan import TilePlan, make_plan, normalize_tile_size
+from .reducers import Reducer, make_reducer
 from .trace import Trace, check_size_independent, trace
 
-__all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "freeze_norm_layers"]
+__all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "freeze_norm_layers", "final_mask"]
+
+_DEFAULT = object()  # forward(pool=...) not given: the module's own pool
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -121,6 +130,7 @@ class StreamPlan(PerAxisGeometry):
     # (the final one is the output itself), and backward holds a gradient of the same size for each.
     maps: tuple[tuple[int, ...], ...] = ()
     map_bytes: tuple[int, ...] = ()
+    note: str = ""  # why these pieces (streamed pooling / lazy input), shown by str()
 
     @property
     def stitched_bytes(self) -> int:
@@ -168,6 +178,8 @@ class StreamPlan(PerAxisGeometry):
         if len(self.map_bytes) > 1:
             lines.append(f"  stitched maps between pieces: {self.stitched_bytes / 2**20:.1f} MiB per image, "
                          "kept from forward to backward (plus a gradient of the same size in backward)")
+        if self.note:
+            lines.append(f"  {self.note}")
         return "\n".join(lines)
 
 
@@ -210,6 +222,14 @@ class StreamingCNN(nn.Module):
             the model that owns named parts). Without it the parts are looked up in ``self.module``.
             Either way every call runs the modules in the tree at that moment: replacing a part
             (``SyncBatchNorm.convert_sync_batchnorm``, model surgery, fusing) re-derives the geometry.
+        pool: streamed global pooling of the final map: a :class:`~.reducers.Reducer` or a name
+            (``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"``; ``"attention"`` needs a Reducer
+            built with the channels). The module then returns ``(N, features)`` pooled features and the
+            final feature map is never stitched. A Reducer with parameters becomes a submodule.
+
+    ``forward(x, mask=None)``: ``x`` a tensor ``(N, C, H, W)`` or a lazy image (``is_lazy_image``);
+    ``mask`` bool ``(N, 1, h, w)`` (any resolution covering the image; needs ``pool``), see
+    :func:`final_mask` for which final-map positions it keeps.
 
     Refused with a clear error: an input that is not floating point without ``preprocess`` (integer
     pixels cannot enter a convolution), a floating input whose dtype differs from the parameters' outside
@@ -223,7 +243,8 @@ class StreamingCNN(nn.Module):
     def __init__(self, module: nn.Module | Sequence[tuple[str, nn.Module]], tile_size: int | Sequence[int], *,
                  preprocess: Callable[[Tensor], Tensor] | None = None, in_channels: int | None = None,
                  stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True,
-                 resolve: Callable[[str], nn.Module] | None = None, outputs: Sequence[str] = ()):
+                 resolve: Callable[[str], nn.Module] | None = None, outputs: Sequence[str] = (),
+                 pool: Reducer | str | None = None):
         super().__init__()
         # How the parts are found at each call (see _current_children): by name through `resolve`, by
         # position in self.module ("parts"), as self.module's children ("sequential"), or self.module.
@@ -250,6 +271,7 @@ class StreamingCNN(nn.Module):
         self.keep_last_tile = keep_last_tile
         self.outputs = tuple(outputs)
         self.streaming = True
+        self.pool = make_reducer(pool) if isinstance(pool, str) else pool
         self._chains: dict[tuple, list[Trace]] = {}
         self._fingerprint: tuple | None = None
         self._sync()
@@ -366,9 +388,14 @@ class StreamingCNN(nn.Module):
             if i in cuts or i == len(ref) - 1:
                 bounds.append((start, i + 1))
                 start = i + 1
-        self._pieces = [_Piece(names[a:b], [m for _, m in self._children[a:b]]) for a, b in bounds]
-        self._bounds = bounds
-        self._piece_geometry = [StreamGeometry.of_chain(ref[a:b], self._needs_multiple) for a, b in bounds]
+        self._pieces, self._bounds, self._piece_geometry = self._pieces_for(bounds)
+        # One piece for inputs whose stitched intermediate maps would be the only thing growing with the
+        # image (a lazy image under streamed pooling), when the tile holds the whole receptive field.
+        self._one_piece = None
+        if stitch == "auto" and len(bounds) > 1 and not outputs:
+            layout = self._pieces_for([(0, len(ref))])
+            if all(self.tile_size[i] >= layout[2][0].min_tile_size[i] for i in range(2)):
+                self._one_piece = layout
         first = self._piece_geometry[0]
         if any(self.tile_size[i] < first.min_tile_size[i] for i in range(2)):
             (mh, mw), (rh, rw) = first.min_tile_size, first.receptive_field
@@ -376,6 +403,32 @@ class StreamingCNN(nn.Module):
                 f"tile_size {self.tile_size} is too small for this network: the receptive field of "
                 f"'{self._pieces[0].label}' is {rh}x{rw} px at stride {first.stride}; use tile_size of "
                 f"at least ({mh}, {mw})", min_tile_size=(mh, mw))
+
+    def _pieces_for(self, bounds):
+        names = [name for name, _ in self._children]
+        pieces = [_Piece(names[a:b], [m for _, m in self._children[a:b]]) for a, b in bounds]
+        geometry = [StreamGeometry.of_chain(self._reference[a:b], self._needs_multiple) for a, b in bounds]
+        return pieces, list(bounds), geometry
+
+    def _choose_layout(self, pooled: bool, lazy: bool):
+        """(pieces, bounds, geometries, note) for an input: see the class docstring."""
+        default = (self._pieces, self._bounds, self._piece_geometry)
+        if not (pooled and lazy):
+            note = ""
+            if pooled and len(self._bounds) > 1:
+                note = ("pooling streamed; stitched maps between pieces (at most twice the input's elements) "
+                        "cut the halo recomputation: the tensor input is in memory anyway")
+            return default + (note,)
+        if len(self._bounds) == 1:
+            return default + ("pooling streamed, lazy input: one piece, memory flat in the image size",)
+        if self._one_piece is not None:
+            return self._one_piece + (
+                "pooling streamed, lazy input: one piece (no stitched map grows with the image; the price "
+                "is the whole network's halo recomputed on every tile, see overlap)",)
+        return default + ("pooling streamed, lazy input, but the tile is smaller than the whole network's "
+                          "receptive field needs for one piece: stitched maps between pieces grow with the "
+                          "image, and a mask skips tiles of the last piece only; raise tile_size to keep "
+                          "memory flat",)
 
     def _mode_key(self) -> tuple:
         return tuple(m.training for m in self.module.modules())
@@ -398,15 +451,21 @@ class StreamingCNN(nn.Module):
         return chain
 
     def plan(self, input_size: Sequence[int], dtype: torch.dtype | None = None,
-             channels: int | None = None) -> StreamPlan:
+             channels: int | None = None, *, lazy: bool = False, pooled: bool | None = None) -> StreamPlan:
         """What streaming an input of ``input_size`` (H, W) does: tiles per piece, number of tiles,
-        overlap, output size, stride and halo. Runs nothing but a shape trace."""
+        overlap, output size, stride and halo. Runs nothing but a shape trace.
+
+        ``lazy``: plan for a lazy image input; ``pooled``: with streamed pooling (default: whether the
+        module has a ``pool``). Together they choose one piece (memory flat in the image size, more halo
+        recomputation) over stitched pieces; ``note`` says which and why."""
         height, width = int(input_size[0]), int(input_size[1])
         self._sync()
+        pooled = self.pool is not None if pooled is None else pooled
+        layout_pieces, bounds, geometries, note = self._choose_layout(pooled, lazy)
         chain = self._chain_for(height, width, dtype or _module_dtype(self.module), channels or self.in_channels)
-        work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in self._bounds)
+        work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in bounds)
         pieces: list[TilePlan] = []
-        for index, ((a, b), geometry) in enumerate(zip(self._bounds, self._piece_geometry)):
+        for index, ((a, b), geometry) in enumerate(zip(bounds, geometries)):
             size_in, size_out = chain[a].input_shape[2:], chain[b - 1].output_shape[2:]
             if index == 0:
                 tile = self.tile_size
@@ -421,11 +480,11 @@ class StreamingCNN(nn.Module):
                 tile = tuple(max(int(largest[i] * scale), geometry.min_tile_size[i]) for i in range(2))
             pieces.append(make_plan(size_in, size_out, tile, geometry.axes, geometry.align,
                                     geometry.size_multiple))
-        maps = tuple(tuple(chain[b - 1].output_shape[1:]) for _, b in self._bounds)
+        maps = tuple(tuple(chain[b - 1].output_shape[1:]) for _, b in bounds)
         map_bytes = tuple(math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize
-                          for _, b in self._bounds)
+                          for _, b in bounds)
         return StreamPlan((height, width), tuple(chain[-1].output_shape[2:]), self.geometry, tuple(pieces),
-                          tuple(p.label for p in self._pieces), work, maps, map_bytes)
+                          tuple(p.label for p in layout_pieces), work, maps=maps, map_bytes=map_bytes, note=note)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "StreamingCNN":
@@ -434,15 +493,15 @@ class StreamingCNN(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def _prepare(self, x: Tensor, device: torch.device) -> Tensor:
-        x = x.to(device)
+    def _prepare(self, x, device: torch.device) -> Tensor:
+        x = read_whole(x).to(device)
         return self.preprocess(x) if self.preprocess is not None else x
 
-    def _check_input(self, x: Tensor, device: torch.device) -> None:
+    def _check_input(self, x, device: torch.device) -> None:
         if self.preprocess is not None:
             return
         dtype = _module_dtype(self.module)
-        if not x.is_floating_point():
+        if not x.dtype.is_floating_point:
             raise StreamingError(
                 f"the input is {x.dtype} but this module computes in {dtype} and has no per-tile "
                 f"preprocess: create the stream model with normalize_input=True (uint8 images), give "
@@ -453,31 +512,35 @@ class StreamingCNN(nn.Module):
                 f"the input is {x.dtype} but the module's parameters are {dtype}: convert the image "
                 f"(x.to({dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x, mask: Tensor | None = None, *, pool: Reducer | None = _DEFAULT) -> Tensor:  # type: ignore[assignment]
+        """The final map ``(N, C', H', W')``, or with a pool the pooled features ``(N, features)``.
+
+        ``x``: tensor or lazy image ``(N, C, H, W)``; ``mask``: see the class docstring; ``pool``: this
+        call's reducer instead of the module's own (``None``: return the map)."""
         if isinstance(x, torch.fx.Proxy):
             raise StreamingError(
                 "a streamed module cannot be traced with torch.fx: the number of tiles depends on the "
                 "input size and they run in a Python loop inside a custom autograd Function. Trace the "
                 "un-tiled network instead (the base model, or StreamingCNN.module)")
-        if x.dim() != 4:
-            raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
-        if not self.streaming:
-            self._sync()
-            freeze_norm_layers(self.module)
-            device = _module_device(self.module)
-            self._check_input(x, device)
-            return self.module(self._prepare(x, device))
-        for _, x in self.forward_pieces(x):
+        pool = self.pool if pool is _DEFAULT else pool
+        for _, x in self.forward_pieces(x, mask, pool=pool):
             pass
         return x
 
-    def forward_pieces(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
+    def forward_pieces(self, x, mask: Tensor | None = None, *,
+                       pool: Reducer | None = None) -> Iterator[tuple[str, Tensor]]:
         """Yield ``(name of the piece's last child, its stitched output map)`` piece by piece, lazily: a
         caller that stops early runs nothing more. The maps are the ones :meth:`forward` chains (same
         autograd graph), so the gradients of all of them flow back through the pieces before them.
-        With ``streaming = False`` each piece runs un-tiled."""
-        if x.dim() != 4:
+        With ``streaming = False`` each piece runs un-tiled. With ``pool`` (a :class:`Reducer`) the
+        last piece is pooled while streaming and yields ``("pool", pooled features (N, features))``
+        instead of its map (which is then never stitched)."""
+        lazy = is_lazy_image(x)
+        if len(x.shape) != 4:
             raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if mask is not None and pool is None:
+            raise ValueError("mask= selects the final-map positions that are pooled, but this StreamingCNN has no "
+                             "pooling: pass pool='avg' (or another reducer) or drop the mask")
         self._sync()
         freeze_norm_layers(self.module)
         device = _module_device(self.module)
@@ -485,26 +548,48 @@ class StreamingCNN(nn.Module):
         if not self.streaming:
             for index, piece in enumerate(self._pieces):
                 x = piece.module(self._prepare(x, device) if index == 0 else x)
-                yield piece.names[-1], x
+                if index < len(self._pieces) - 1 or pool is None:
+                    yield piece.names[-1], x
+            if pool is not None:
+                yield "pool", pool.reference(x, final_mask(mask, x.shape[0], tuple(x.shape[-2:]), x.device))
             return
-        plan = self.plan(x.shape[-2:], x.dtype, x.shape[1])
+        plan = self.plan(x.shape[-2:], x.dtype, x.shape[1], lazy=lazy, pooled=pool is not None)
+        pieces, _, _, _ = self._choose_layout(pool is not None, lazy)
         needs_grad = torch.is_grad_enabled()
-        for index, (piece, piece_plan) in enumerate(zip(self._pieces, plan.pieces)):
+        for index, (piece, piece_plan) in enumerate(zip(pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
+            last = index == len(pieces) - 1
             if piece_plan.num_tiles == 1:  # the whole map is one tile: run it plainly, nothing to recompute
-                x = piece.module(preprocess(x.to(device)) if preprocess is not None else x.to(device))
+                x = piece.module(self._prepare(x, device) if index == 0 else x.to(device))
+                if last and pool is not None:
+                    yield "pool", pool.reference(x, final_mask(mask, x.shape[0], tuple(x.shape[-2:]), x.device))
+                    return
                 yield piece.names[-1], x
                 continue
             params = [p for p in piece.module.parameters() if p.requires_grad]
+            watched = self._watched(piece)
+            sink = None
+            if last and pool is not None:
+                m = final_mask(mask, x.shape[0], piece_plan.output_size, device)
+                sink = ReduceSink(piece_plan, pool, m)
+                params += [p for p in pool.parameters() if p.requires_grad]
+                watched += [(f"pool.{n}", t) for n, t in pool.named_parameters()]
             # Only the final piece keeps its last tile: nothing but the caller's head runs before its
             # backward, so the kept graph never coexists with another piece's activations.
-            keep = self.keep_last_tile and index == len(self._pieces) - 1
-            runner = TileRunner(piece.module, piece_plan, params, device, preprocess, self.progress, keep,
-                                watched=self._watched(piece))
-            if needs_grad and (x.requires_grad or params):
-                x = StreamFunction.apply(runner, x, *params)
+            keep = self.keep_last_tile and last
+            runner = TileRunner(piece.module, piece_plan, params, device, preprocess, self.progress, keep, sink,
+                                watched=watched)
+            input_grad = isinstance(x, Tensor) and x.requires_grad
+            if needs_grad and (input_grad or params):
+                out = StreamFunction.apply(runner, x, *params)
             else:
-                x = runner.forward(x, keep_last=False)[0]
+                out = runner.forward(x, keep_last=False)[0]
+                out = out[0] if len(out) == 1 else out
+            if sink is not None:
+                stats = (out,) if isinstance(out, Tensor) else tuple(out)
+                yield "pool", pool.finalize(stats, sink.state)
+                return
+            x = out
             yield piece.names[-1], x
 
     @staticmethod
@@ -521,3 +606,26 @@ class StreamingCNN(nn.Module):
         g = self.geometry
         return (f"tile_size={self.tile_size}, stride={g.stride}, receptive_field={g.receptive_field}, "
                 f"pieces={[p.label for p in self._pieces]}, streaming={self.streaming}")
+
+
+def final_mask(mask: Tensor | None, batch: int, size: Sequence[int], device: torch.device) -> Tensor | None:
+    """The final-map mask ``(N, 1, *size)`` bool from a mask ``(N or 1, 1, h, w)`` bool at any resolution
+    covering the image: position ``(p, q)`` is kept iff ``F.interpolate(mask.float(), size,
+    mode="nearest") > 0.5`` there (nearest: the mask pixel under the position's top-left corner, torch's
+    ``floor(p * h / H')``). Raises ``ValueError`` for a mask of another dtype/shape, or one that keeps
+    no position of some image (pooling over nothing is undefined)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 \
+            or mask.shape[0] not in (1, batch):
+        what = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of shape (N, 1, h, w) with N = {batch} (or 1), got a {what}: "
+                         "e.g. mask = probability > 0.5, or timm_stream.tissue_mask(image)")
+    m = torch.nn.functional.interpolate(mask.to(device=device, dtype=torch.float32), size=tuple(size),
+                                        mode="nearest") > 0.5
+    m = m.expand(batch, 1, *m.shape[2:])
+    empty = (~m.flatten(1).any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"the mask keeps no position of the {tuple(size)} final feature map for image(s) {empty}: "
+                         "nothing to pool. Check the mask (is the tissue True?), or pass mask=None")
+    return m

@@ -93,7 +93,9 @@ class StreamingClassifier(LightningModule):
         tile_size: largest tile in input pixels (int or [height, width]); memory grows with it.
         pretrained: start from timm's pretrained weights (from the Hugging Face cache or the Hub;
             ``HF_HUB_OFFLINE=1`` is respected).
-        global_pool: timm pooling ('max' suits "is the pattern anywhere" tasks; 'avg' is timm's default).
+        global_pool: timm pooling ('max' suits "is the pattern anywhere" tasks; 'avg' is timm's default), or
+            'attention' (gated attention MIL, Ilse et al. 2018: learns which regions matter; slide-level labels).
+            With every stage streamed the pooling runs while streaming; batches may carry a ``"mask"``.
         stream_stages: stem plus this many stages run streamed (default: all proven local).
         model_kwargs: anything else the timm model takes (drop_rate, drop_path_rate, in_chans...).
         label_names: class names in class-index order (default: taken from the data if it names them).
@@ -169,15 +171,18 @@ class StreamingClassifier(LightningModule):
         return smallest_input_size(self.model)
 
     # ------------------------------------------------------------------ forward / steps
-    def forward(self, images: Tensor | Sequence[Tensor]) -> Tensor:
-        """Logits for uint8 ``(N, C, H, W)`` images, or a list of ``(1, C, H, W)`` images of different sizes."""
+    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | Sequence[Tensor | None] | None = None) -> Tensor:
+        """Logits for uint8 ``(N, C, H, W)`` images (or lazy images), or a list of ``(1, C, H, W)`` images
+        of different sizes; ``mask``: bool ``(N, 1, h, w)`` (a list for a list of images) of the regions
+        to pool over (e.g. tissue), or None."""
         if isinstance(images, (list, tuple)):
-            return torch.cat([self.model(x) for x in images])
-        return self.model(images)
+            masks = mask if isinstance(mask, (list, tuple)) else [None] * len(images)
+            return torch.cat([self.model(x) if m is None else self.model(x, mask=m) for x, m in zip(images, masks)])
+        return self.model(images) if mask is None else self.model(images, mask=mask)
 
     def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
         labels = batch["label"]
-        logits = self(batch["image"])
+        logits = self(batch["image"], mask=batch.get("mask"))
         loss = F.cross_entropy(logits, labels)
         probs = logits.detach().float().softmax(dim=1)
         size = labels.shape[0]
@@ -199,7 +204,7 @@ class StreamingClassifier(LightningModule):
         return self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        probs = self(batch["image"]).float().softmax(dim=1)
+        probs = self(batch["image"], mask=batch.get("mask")).float().softmax(dim=1)
         return {"path": list(batch["path"]), "probs": probs.cpu()}
 
     # ------------------------------------------------------------------ optimization

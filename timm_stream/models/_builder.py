@@ -12,6 +12,7 @@ from torch import nn
 from ..engine import TileTooSmallError
 from ._families import STAGE_REDUCTIONS, split_trunk
 from ._features import FeatureGetterNet, StreamFeatureNet, default_out_indices, make_feature_net, stream_cuts
+from ._pooling import load_pretrained_with_attention
 from ._stream_model import make_streaming
 
 __all__ = ["STREAM_PREFIX", "DEFAULT_TILE_SIZE", "create_stream_model", "stream_name", "base_name",
@@ -85,19 +86,28 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
             whose maps at ``out_indices`` (default: timm's for the family) come from the streamed stages;
             ``feature_cls`` other than ``'getter'`` raises ValueError (timm's other wrappers would run
             the modules un-tiled).
-        **kwargs: everything the base architecture accepts (num_classes, in_chans, global_pool,
+        global_pool: timm's pooling names, plus ``"attention"`` (gated attention MIL, Ilse et al. 2018,
+            with its own parameters). Avg/max/avgmax/catavgmax/attention accept masks
+            (``model(x, mask=m)``) and, when every stage is streamed, are computed while streaming.
+        **kwargs: everything the base architecture accepts (num_classes, in_chans,
             drop_rate, drop_path_rate, pretrained_cfg, pretrained_cfg_overlay, cache_dir...).
     """
     features = _pop_feature_args(base, kwargs)
     stream_stages = local_stages if stream_stages is None else check_stream_stages(stream_stages)
+    pool_type = kwargs.get("global_pool")
+    if pool_type == "attention":  # not a timm pool: build the base with 'avg', then replace it
+        kwargs["global_pool"] = "avg"
     # The registered stream cfgs mirror the base's; an unregistered base (being checked) uses its own.
     registered = is_model(stream_name(base))
     cfg = resolve_pretrained_cfg(stream_name(base) if registered else base,
                                  pretrained_cfg=kwargs.pop("pretrained_cfg", None),
                                  pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None))
     cfg = dataclasses.replace(cfg, architecture=stream_name(base))
+    # attention parameters must exist before weights that may hold them load (timm loads while building)
+    late_load = pretrained and pool_type == "attention"
     try:
-        model = model_entrypoint(base)(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), **kwargs)
+        model = model_entrypoint(base)(pretrained=pretrained and not late_load, pretrained_cfg=cfg.to_dict(),
+                                       **kwargs)
     except (TypeError, AssertionError) as exc:
         # timm's bases refuse an unsupported output_stride with a bare `assert output_stride == 32` or
         # an unexpected-keyword TypeError: name the argument instead
@@ -105,8 +115,11 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
             raise ValueError(f"{base} does not support output_stride={kwargs['output_stride']} (timm's {base} "
                              "only runs at output stride 32): drop output_stride") from exc
         raise
+    if late_load:
+        load_pretrained_with_attention(model, model.num_classes, kwargs.get("in_chans", 3))
     split = split_trunk(model)
-    options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress)
+    options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress,
+                   pool_type=pool_type)
     if features is not None:  # cut the streamer at the requested features; tile_size is checked on those pieces
         features.setdefault("out_indices", default_out_indices(model, split.family))
         options["outputs"] = stream_cuts(model, split, stream_stages, features["out_indices"])

@@ -18,9 +18,10 @@ import torch
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
-from ..engine import StreamingCNN, freeze_norm_layers
+from ..engine import NonLocalModuleError, StreamingCNN, final_mask, freeze_norm_layers
 from ._families import TrunkSplit
 from . import _features
+from ._pooling import StreamedPool, install_pooling
 
 __all__ = ["StreamingModelMixin", "InputNormalizer", "SubmoduleOf", "make_streaming", "rebuild_streaming_model"]
 
@@ -91,9 +92,53 @@ class StreamingModelMixin:
         """The engine running the streamed part (``.plan(size)``, ``.geometry``)."""
         return self._streamer
 
-    def stream_plan(self, input_size: Sequence[int]):
-        """What streaming an image of ``input_size`` (H, W) does: tiles, overlap, stride, halo."""
-        return self._streamer.plan(input_size)
+    def stream_plan(self, input_size: Sequence[int], lazy: bool = False):
+        """What streaming an image of ``input_size`` (H, W) does in ``forward``: tiles, overlap, stride,
+        halo (``lazy``: for a lazy image input; with pooling streamed it may then run as one piece)."""
+        return self._streamer.plan(input_size, lazy=lazy, pooled=self.pooling_streamed)
+
+    # ---------------------------------------------------------------- pooling and masks
+    def forward(self, x, mask: Tensor | None = None) -> Tensor:
+        """Logits ``(N, num_classes)`` for ``x`` (a tensor or a lazy image ``(N, C, H, W)``).
+
+        ``mask``: bool ``(N, 1, h, w)`` at any resolution covering the image: final-map positions
+        outside it are left out of the global pooling (rule: ``timm_stream.engine.final_mask``). With
+        every stage streamed the pooling runs while streaming (the final map is never stitched) and
+        tiles without a masked-in output are neither read nor computed. Raises ``ValueError`` for a
+        mask on a model whose pooling cannot take one."""
+        pool: StreamedPool | None = getattr(self, "_stream_pool", None)
+        if pool is None:
+            if mask is not None:
+                raise ValueError(f"{type(self).__name__} has no maskable global pooling (its global_pool is not one "
+                                 "of avg/max/avgmax/catavgmax/attention, or its head pools after other layers): "
+                                 "drop mask= or create the model with global_pool='avg'")
+            return super().forward(x)  # type: ignore[misc]
+        if self._pool_streamed:
+            pooled = self._streamer(x, mask=mask, pool=pool.reducer)
+        else:
+            features = self.forward_features(x)
+            pooled = pool.reducer(features, final_mask(mask, features.shape[0], features.shape[-2:],
+                                                       features.device))
+        return self.forward_head(pooled)  # type: ignore[attr-defined]
+
+    @property
+    def pooling_streamed(self) -> bool:
+        """True when the global pooling is computed while streaming (no stitched final map)."""
+        return bool(getattr(self, "_pool_streamed", False))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *args, **kwargs) -> None:
+        pool: StreamedPool | None = getattr(self, "_stream_pool", None)
+        if global_pool is None and pool is not None:
+            global_pool = pool.pool_type
+        kept = pool.reducer if pool is not None and pool.pool_type == global_pool == "attention" else None
+        # timm builds a fresh SelectAdaptivePool2d ('attention' is ours: built as 'avg', then replaced)
+        super().reset_classifier(num_classes, "avg" if global_pool == "attention" else global_pool,  # type: ignore[misc]
+                                 *args, **kwargs)
+        found = install_pooling(self, global_pool, self.num_features)  # type: ignore[arg-type,attr-defined]
+        if found is not None and kept is not None:
+            found.reducer = kept  # the trained attention parameters stay
+        object.__setattr__(self, "_stream_pool", found)
+        object.__setattr__(self, "_pool_streamed", found is not None and self._tail_streamed)
 
     def _now(self, steps: Sequence[tuple[str, nn.Module]]) -> list[nn.Module]:
         """The modules at these steps' paths in the tree now (they may have been replaced)."""
@@ -216,19 +261,37 @@ def _input_normalizer(model: nn.Module, streamed: Sequence[tuple[str, nn.Module]
 
 def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile_size, *,
                    normalize_input: bool = False, train_tail_norms: bool = False,
-                   progress: bool = False, outputs: Sequence[str] = ()) -> nn.Module:
-    streamed = split.streamed(stream_stages)
-    _disable_stochastic([m for _, m in streamed])
+                   progress: bool = False, outputs: Sequence[str] = (), pool_type: str | None = None) -> nn.Module:
+    pool = install_pooling(model, pool_type, model.num_features)
     preprocess = None
     if normalize_input:
-        preprocess = _input_normalizer(model, streamed)
+        preprocess = _input_normalizer(model, split.streamed(stream_stages))
+    # resolve: the streamed steps are looked up in the model's tree at each call (module replacement);
     # outputs: steps whose stitched maps are features (features_only): each ends a piece
-    streamer = StreamingCNN(streamed, tile_size, preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model),
-                            outputs=outputs)
+    options = dict(preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model), outputs=outputs)
+    streamer, tail_streamed = None, stream_stages == len(split.stages) and not split.tail
+    if stream_stages == len(split.stages) and split.tail and not outputs:
+        # Everything streamed: the tail (ConvNeXt's norm_pre, EfficientNet's conv_head/bn2, ...) joins the
+        # streamed part when it is local, so that pooling can run while streaming; else it stays un-tiled.
+        joined = TrunkSplit(split.family, split.stem, split.stages[:-1] + [split.stages[-1] + split.tail], [])
+        _disable_stochastic([m for _, m in joined.streamed(stream_stages)])
+        try:
+            streamer = StreamingCNN(joined.streamed(stream_stages), tile_size, **options)
+        except NonLocalModuleError:
+            pass
+        else:
+            split, tail_streamed = joined, True
+    if streamer is None:
+        streamed = split.streamed(stream_stages)
+        _disable_stochastic([m for _, m in streamed])
+        streamer = StreamingCNN(streamed, tile_size, **options)
     model.__class__ = _streaming_class(type(model))
     # Held outside the module tree: every parameter keeps its one, base-model name.
     object.__setattr__(model, "_streamer", streamer)
     object.__setattr__(model, "_split", split)
+    object.__setattr__(model, "_stream_pool", pool)
+    object.__setattr__(model, "_tail_streamed", tail_streamed)
+    object.__setattr__(model, "_pool_streamed", pool is not None and tail_streamed)
     model.stream_stages = stream_stages
     model.train_tail_norms = train_tail_norms
     model.train(model.training)
