@@ -30,7 +30,6 @@ from .trace import Trace, check_size_independent, trace
 
 __all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "freeze_norm_layers", "final_mask"]
 
-_DEFAULT = object()  # forward(pool=...) not given: the module's own pool
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -512,7 +511,7 @@ class StreamingCNN(nn.Module):
                 f"the input is {x.dtype} but the module's parameters are {dtype}: convert the image "
                 f"(x.to({dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
 
-    def forward(self, x, mask: Tensor | None = None, *, pool: Reducer | None = _DEFAULT) -> Tensor:  # type: ignore[assignment]
+    def forward(self, x, mask: Tensor | None = None, *, pool: Reducer | None = ...) -> Tensor:  # type: ignore[assignment]
         """The final map ``(N, C', H', W')``, or with a pool the pooled features ``(N, features)``.
 
         ``x``: tensor or lazy image ``(N, C, H, W)``; ``mask``: see the class docstring; ``pool``: this
@@ -522,7 +521,7 @@ class StreamingCNN(nn.Module):
                 "a streamed module cannot be traced with torch.fx: the number of tiles depends on the "
                 "input size and they run in a Python loop inside a custom autograd Function. Trace the "
                 "un-tiled network instead (the base model, or StreamingCNN.module)")
-        pool = self.pool if pool is _DEFAULT else pool
+        pool = self.pool if pool is ... else pool  # ... (not given): the module's own pool
         for _, x in self.forward_pieces(x, mask, pool=pool):
             pass
         return x

@@ -106,6 +106,7 @@ class StreamingModelMixin:
         every stage streamed the pooling runs while streaming (the final map is never stitched) and
         tiles without a masked-in output are neither read nor computed. Raises ``ValueError`` for a
         mask on a model whose pooling cannot take one."""
+        self._refuse_fx(x)
         pool: StreamedPool | None = getattr(self, "_stream_pool", None)
         if pool is None:
             if mask is not None:
@@ -157,12 +158,15 @@ class StreamingModelMixin:
             "load_state_dict(model.state_dict()): the keys are the same)")
 
     # ---------------------------------------------------------------- timm model API
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _refuse_fx(self, x) -> None:
         if isinstance(x, torch.fx.Proxy):
             raise RuntimeError(
                 f"{type(self).__name__} cannot be traced with torch.fx: its streamed part runs tiles in a "
                 "Python loop whose count depends on the input size. Trace the base timm model instead "
                 "(timm.create_model(<base name>), then load_state_dict(model.state_dict()))")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._refuse_fx(x)
         x = self._streamer(x)
         tail = self._now(self._split.unstreamed(self.stream_stages))
         if getattr(self, "_tail_checkpointing", False) and torch.is_grad_enabled():
