@@ -207,11 +207,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--measure-untiled", action="store_true",
                         help="also measure one un-tiled training step's peak RSS in a subprocess")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--slide", action="store_true",
+                        help="the whole-slide demo instead: lazy pyramidal slides, tissue masks, pooling while "
+                             "streaming (timm-stream demo --slide --help)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry (``timm-stream demo``): runs :func:`run`, exit status 0."""
+    """Console entry (``timm-stream demo``): runs :func:`run` (with ``--slide``: the whole-slide demo,
+    :mod:`.demo_slide`), exit status 0."""
+    if "--slide" in (argv if argv is not None else sys.argv[1:]):
+        from .demo_slide import main as slide_main
+
+        return slide_main(argv)
     run(argv)
     return 0
 
