@@ -7,10 +7,13 @@ each input-dependent output, and returns the operation's size-independent signat
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.operator_schemas import normalize_function
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ..geometry import AxisGeometry
 from .ops import (CATS, CREATIONS, DROPOUTS, EXPANDS, IDENTITY, PERMUTATIONS, REDUCTIONS, RESHAPES,
@@ -44,15 +47,9 @@ def pair(value: Any) -> tuple[int, int]:
     return (int(value), int(value))
 
 
-def tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from tensors(item)
+def tensors(obj: Any) -> list[Tensor]:
+    """Every tensor in a nest of arguments or outputs (lists, tuples, dicts, named tuples)."""
+    return [t for t in tree_leaves(obj) if isinstance(t, Tensor)]
 
 
 def normalize_dim(dim: int, ndim: int) -> int:
@@ -70,27 +67,40 @@ class Call:
     def __init__(self, tracer, func: Callable, name: str, args: tuple, kwargs: dict, out: Any):
         self.tracer, self.func, self.name = tracer, func, name
         self.args, self.kwargs, self.out = args, kwargs, out
+        self.constant_output = False  # set by a rule whose output does not depend on the input
 
     def map_of(self, t: Any) -> Map | None:
         return self.tracer.map_of(t) if isinstance(t, Tensor) else None
 
     @property
     def input(self) -> Tensor:
-        return self.args[0]
+        """The op's primary tensor: ``self`` of a method, the first argument or ``input=``."""
+        if self.args and isinstance(self.args[0], Tensor):
+            return self.args[0]
+        for key in ("input", "self"):
+            if isinstance(self.kwargs.get(key), Tensor):
+                return self.kwargs[key]
+        raise Refused("it takes an input-dependent tensor in a place the streaming engine does not follow")
 
     @property
     def input_map(self) -> Map:
-        m = self.map_of(self.args[0])
-        if m is None:  # a map passed as keyword, or not first: find it
-            for t in tensors((self.args, self.kwargs)):
-                m = self.map_of(t)
-                if m is not None:
-                    return m
-            raise AssertionError("rule called without an input-dependent tensor")
+        """The map of the primary tensor. A map anywhere else (``const[index_map]``,
+        ``const.expand_as(map)``, ``index_select(const, 0, map)``) would lend the map's geometry to a
+        tensor that reads other positions, so it is refused unless the rule handles it itself."""
+        m = self.map_of(self.input)
+        if m is None:
+            raise Refused("it reads a tensor that does not come from the input at input-dependent positions "
+                          "(or lays it out like a feature map)")
         return m
 
     def bind(self, names: Sequence[str], defaults: Sequence[Any]) -> dict:
         return bind(self.args, self.kwargs, names, defaults)
+
+    def constant(self) -> tuple:
+        """Mark the output as not input-dependent (a later op that combines it with a map checks that
+        it does not vary over space)."""
+        self.constant_output = True
+        return ("constant",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,8 +256,9 @@ def _dropout(call: Call) -> tuple:
 
 
 def _identity(call: Call) -> tuple:
-    m = call.input_map
-    call.tracer.assign(call.out, m, allocates=call.name in ("clone", "contiguous"))
+    if call.map_of(call.input) is None:  # const.to(map), const.type_as(map): still a constant
+        return call.constant()
+    call.tracer.assign(call.out, call.input_map, allocates=call.name in ("clone", "contiguous", "_to_copy"))
     return ()
 
 
@@ -261,8 +272,9 @@ def _prelu(call: Call) -> tuple:
 
 def _pointwise(call: Call) -> tuple:
     """Broadcasting position-wise op: all maps must sit on the same grid; other tensors must not vary
-    over space (a tensor that does would be tied to absolute positions, e.g. a position embedding)."""
-    outs = [t for t in tensors(call.out)]
+    over space (a tensor that does would be tied to absolute positions, e.g. a position embedding or a
+    constant mask)."""
+    outs = tensors(call.out)
     out_ndim = outs[0].dim()
     out_shape = outs[0].shape
     result: Map | None = None
@@ -292,62 +304,94 @@ def _pointwise(call: Call) -> tuple:
         for d in result.dims:
             if d - offset >= 0 and t.shape[d - offset] != 1:
                 raise Refused("it combines the feature map with a tensor that varies over space "
-                               "(tied to absolute positions, e.g. a position embedding)")
-    inplace = any(out is a for out in outs for a in call.args if isinstance(a, Tensor))
+                              "(tied to absolute positions, e.g. a position embedding or a constant mask)")
     for out in outs:
-        call.tracer.assign(out, result, allocates=not inplace)
+        if any(out is a for a in tensors((call.args, call.kwargs))):
+            call.tracer.write(out, result)  # in place: every alias of the target reads the new values
+        else:
+            call.tracer.assign(out, result)
     return ()
 
 
-def _dims_arg(call: Call, position: int, default: Any = None) -> Any:
-    if len(call.args) > position:
-        return call.args[position]
-    return call.kwargs.get("dim", call.kwargs.get("axis", default))
+# Sizes no real dimension has: a rule that cannot read from the arguments where an op puts the spatial
+# dims (reductions, splits: many overloads, positional or keyword dims) runs the op on a meta probe
+# whose spatial dims have these sizes and reads where they reappear. Nothing is allocated.
+_PROBE_SIZES = (9973, 9967)
+
+
+def _spatial_dims_after(call: Call, m: Map) -> tuple[list[tuple[int, int] | None], tuple]:
+    """Where each output of ``call`` keeps the spatial dims of its primary input (None for an output
+    that reduced, split or cropped one of them), and the op's signature key: its output shapes with
+    the spatial sizes hidden."""
+    x = call.input
+    shape = list(x.shape)
+    shape[m.dims[0]], shape[m.dims[1]] = _PROBE_SIZES
+    probe = torch.empty(shape, dtype=x.dtype, device="meta")
+    args, kwargs = tree_map_only(Tensor, lambda t: probe if t is x else to_meta(t), (call.args, call.kwargs))
+    try:
+        probe_outs = tensors(call.func(*args, **kwargs))
+    except Exception:  # the op does not run at other sizes: it depends on them
+        raise Refused("it works on a spatial dimension in a way that depends on its size")
+    real_outs = tensors(call.out)
+    if len(probe_outs) != len(real_outs):
+        raise Refused("it splits a feature map along a spatial dimension")
+    result: list[tuple[int, int] | None] = []
+    for p, real in zip(probe_outs, real_outs):
+        found = tuple(i for size in _PROBE_SIZES for i, s in enumerate(p.shape) if s == size)
+        if len(found) != 2 or any(real.shape[e] != x.shape[d] for d, e in zip(m.dims, found)):
+            result.append(None)
+        else:
+            result.append((found[0], found[1]))
+    key = tuple(tuple(-1 if s in _PROBE_SIZES else s for s in p.shape) for p in probe_outs)
+    return result, key
 
 
 def _reduction(call: Call) -> tuple:
-    m = call.input_map
-    x = call.input
-    ndim = x.dim()
-    if call.name in ("max", "min") and len(call.args) > 1 and isinstance(call.args[1], Tensor):
+    if call.name in ("max", "min") and isinstance(call.kwargs.get("other", call.args[1] if len(call.args) > 1
+                                                                  else None), Tensor):
         return _pointwise(call)  # torch.max(a, b) is element-wise
-    position = 2 if call.name in ("norm",) else 1
-    dim = _dims_arg(call, position)
-    if isinstance(dim, str) or (call.name == "norm" and len(call.args) > 1 and call.args[1] is not None
-                                 and not isinstance(call.args[1], (int, float, str)) and position == 1):
-        dim = None
-    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0 and call.name != "sum"):
-        reduced = set(range(ndim))
-    else:
-        dims = dim if isinstance(dim, (list, tuple)) else (dim,)
-        reduced = {normalize_dim(int(d), ndim) for d in dims}
-    if reduced & set(m.dims):
-        raise Refused("it reduces over the spatial dimensions (global pooling, e.g. squeeze-excitation "
-                       "or a global attention gate)")
-    for out in tensors(call.out):
-        if out.dim() == ndim:
-            new_dims = m.dims
-        else:
-            new_dims = tuple(d - sum(1 for r in reduced if r < d) for d in m.dims)
-        call.tracer.assign(out, m.moved(new_dims))
-    return (tuple(sorted(reduced)),)
+    m = call.input_map
+    where, key = _spatial_dims_after(call, m)
+    for out, dims in zip(tensors(call.out), where):
+        if dims is None:
+            raise Refused("it reduces over the spatial dimensions (global pooling, e.g. squeeze-excitation "
+                          "or a global attention gate)")
+        call.tracer.assign(out, m.moved(dims))
+    return (call.name, key)
+
+
+def _split(call: Call) -> tuple:
+    m = call.input_map
+    for t in tensors((call.args[1:], call.kwargs)):
+        if call.map_of(t) is not None:
+            raise Refused("it selects positions with input-dependent indices")
+    where, key = _spatial_dims_after(call, m)
+    for out, dims in zip(tensors(call.out), where):
+        if dims is None:
+            raise Refused("it splits, narrows or selects a feature map along a spatial dimension")
+        call.tracer.assign(out, m.moved(dims), allocates=call.name == "index_select")
+    return (call.name, key)
 
 
 def _along_dim(call: Call) -> tuple:
     m = call.input_map
     ndim = call.input.dim()
-    if call.name == "normalize":
-        dim = bind(call.args, call.kwargs, ("input", "p", "dim"), (None, 2.0, 1))["dim"]
-    elif call.name == "glu":
-        dim = _dims_arg(call, 1, -1)
-    elif call.name == "topk":
-        dim = bind(call.args, call.kwargs, ("input", "k", "dim"), (None, None, -1))["dim"]
-    elif call.name in ("sort", "argsort"):
-        dim = _dims_arg(call, 1, -1)
-    else:
-        dim = _dims_arg(call, 1)
-        if dim is None:  # legacy implicit softmax dim
-            dim = 0 if ndim in (0, 1, 3) else 1
+    bound = None
+    # torch's own argument normalization (any mix of positional and keyword arguments), on the function
+    # itself or, for a Tensor method, on its functional twin
+    for target in (call.func, getattr(F, call.name, None), getattr(torch, call.name, None)):
+        try:
+            bound = normalize_function(target, call.args, call.kwargs, normalize_to_only_use_kwargs=True)
+        except Exception:
+            bound = None
+        if bound is not None:
+            break
+    if bound is None:
+        raise Refused("the streaming engine cannot tell along which dimension it works",
+                      "Pass dim= explicitly")
+    dim = bound.kwargs.get("dim", -1)
+    if dim is None:  # legacy implicit softmax dim
+        dim = 0 if ndim in (0, 1, 3) else 1
     dim = normalize_dim(int(dim), ndim)
     if dim in m.dims:
         raise Refused("it normalizes or accumulates along a spatial dimension")
@@ -369,10 +413,13 @@ def _permutation(call: Call) -> tuple:
 
 
 def _reshape(call: Call) -> tuple:
+    if call.map_of(call.input) is None:  # const.view_as(map): a constant shaped like the map
+        return call.constant()
     m = call.input_map
     in_shape, out_shape = tuple(call.input.shape), tuple(call.out.shape)
     new_dims = []
     for d in m.dims:
+        # the same dim iff as many elements lie before it and it keeps its size
         before = math.prod(in_shape[:d])
         found = None
         for e in range(len(out_shape)):
@@ -388,92 +435,151 @@ def _reshape(call: Call) -> tuple:
 
 
 def _expand(call: Call) -> tuple:
-    m = call.input_map
-    offset = call.out.dim() - call.input.dim()
+    x, out = call.input, call.out
+    offset = out.dim() - x.dim()
+    m = call.map_of(x)
+    if m is None:  # const.expand_as(map)
+        like = next(t for t in tensors((call.args[1:], call.kwargs)) if call.map_of(t) is not None)
+        lm = call.map_of(like)
+        if out.dim() == like.dim() and all(d - offset < 0 or x.shape[d - offset] == 1 for d in lm.dims):
+            call.tracer.assign(out, lm, allocates=False)  # uniform over space: like map * 0 + const
+            return ("uniform", offset)
+        return call.constant()
     dims = (m.dims[0] + offset, m.dims[1] + offset)
-    if any(call.out.shape[e] != call.input.shape[d] for d, e in zip(m.dims, dims)):
+    if any(out.shape[e] != x.shape[d] for d, e in zip(m.dims, dims)):
         raise Refused("it broadcasts a feature map over space")
-    call.tracer.assign(call.out, m.moved(dims), allocates=False)
+    call.tracer.assign(out, m.moved(dims), allocates=False)
     return (offset,)
 
 
 def _creation(call: Call) -> tuple:
-    # A tensor made *like* a map has the map's layout but reads no pixel: a constant map.
+    if call.name == "new_tensor":  # a constant from Python data, whatever tensor it is called on
+        if call.map_of(call.args[1] if len(call.args) > 1 else call.kwargs.get("data")) is not None:
+            raise Refused("it copies a feature map through Python data")
+        return call.constant()
     m = call.input_map
     out = call.out
     if out.dim() == call.input.dim() and all(out.shape[d] == call.input.shape[d] for d in m.dims):
-        const = tuple(AxisGeometry.constant(a.stride) for a in m.axes)
-        call.tracer.assign(out, Map(m.dims, (const[0], const[1])))
-    elif any(out.shape[d] != 1 for d in range(out.dim())[-2:]) and out.dim() >= 2:
-        pass  # a spatially sized constant not tied to the map's grid is caught when combined
-    return (tuple(s if i not in m.dims else -1 for i, s in enumerate(out.shape)),)
+        # zeros_like(x) is x * 0: on the map's grid, with its receptive field. (An empty geometry
+        # would let padding of the constant -- conv(ones_like(x)), a border mask -- go unnoticed.)
+        call.tracer.assign(out, m)
+        return (tuple(-1 if i in m.dims else s for i, s in enumerate(out.shape)),)
+    return call.constant()  # a constant of another shape: checked where it meets a map
 
 
-def _getitem(call: Call) -> tuple:
-    m = call.input_map
-    index = call.args[1]
+def _index_layout(call: Call, x: Tensor, m: Map, index: Any) -> tuple[tuple[int, int], int, tuple]:
+    """Where ``x[index]`` puts the spatial dims of ``x``, how many dims it has, and a signature key.
+    Refuses any index that picks spatial positions: an integer, a partial, strided or reversed slice,
+    or an index tensor on a spatial dim, a boolean, several index tensors, input-dependent indices."""
     items = list(index) if isinstance(index, tuple) else [index]
-    ndim = call.input.dim()
-    consumed = sum(1 for it in items if it is not None and it is not Ellipsis and not isinstance(it, bool))
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items = items[:at] + [slice(None)] * (ndim - consumed) + items[at + 1:]
+
+    def consumed(it: Any) -> int:
+        if it is None or it is Ellipsis:
+            return 0
+        if isinstance(it, bool) or (isinstance(it, Tensor) and it.dtype == torch.bool and it.dim() == 0):
+            raise Refused("it indexes a feature map with a Python or 0-d boolean")
+        if isinstance(it, Tensor) and it.dtype == torch.bool:
+            return it.dim()
+        return 1
+
+    ellipses = [i for i, it in enumerate(items) if it is Ellipsis]
+    rest = x.dim() - sum(consumed(it) for it in items)
+    if ellipses:
+        at = ellipses[0]
+        items = items[:at] + [slice(None)] * rest + items[at + 1:]
     else:
-        items = items + [slice(None)] * (ndim - consumed)
+        items = items + [slice(None)] * rest
+    if sum(1 for it in items if isinstance(it, (Tensor, list, tuple))) > 1:
+        raise Refused("it indexes a feature map with several index tensors (advanced indexing)")
     in_dim = out_dim = 0
     mapping: dict[int, int] = {}
-    key = []
+    key: list = []
     for it in items:
         if it is None:
             out_dim += 1
             key.append(None)
-            continue
-        if isinstance(it, slice):
-            full = it.start in (None, 0) and it.stop is None and it.step in (None, 1)
-            if in_dim in m.dims and not full:
-                raise Refused("it slices a spatial dimension (cropping depends on the tile)")
+        elif isinstance(it, slice):
+            if in_dim in m.dims:
+                size = x.shape[in_dim]
+                try:
+                    full = it.indices(size) == (0, size, 1)
+                except TypeError:  # tensor-valued bounds
+                    full = False
+                if not full:
+                    raise Refused("it slices a spatial dimension: cropping, striding or reversing a map picks "
+                                  "positions relative to the tile, not the image")
+                key.append(":")
+            else:
+                key.append((it.start, it.stop, it.step))
             mapping[in_dim] = out_dim
-            key.append((it.start, it.stop, it.step) if in_dim not in m.dims else ":")
             in_dim += 1
             out_dim += 1
-        elif isinstance(it, int):
+        elif isinstance(it, (Tensor, list, tuple)):
+            if call.map_of(it) is not None:
+                raise Refused("it indexes with input-dependent indices")
+            t = it if isinstance(it, Tensor) else torch.as_tensor(it)
+            span = t.dim() if t.dtype == torch.bool else 1
+            if any(d in m.dims for d in range(in_dim, in_dim + span)):
+                raise Refused("it indexes a spatial dimension: the index is a position in the tile, not the "
+                              "image")
+            key.append(("index", tuple(t.shape)))
+            in_dim += span
+            out_dim += 1 if t.dtype == torch.bool else t.dim()
+        elif hasattr(it, "__index__"):  # an integer
             if in_dim in m.dims:
-                raise Refused("it indexes a spatial dimension")
-            key.append(it)
+                raise Refused("it indexes a spatial dimension: the index is a position in the tile, not the "
+                              "image")
+            key.append(int(it))
             in_dim += 1
-        elif isinstance(it, (Tensor, list)) and (not isinstance(it, Tensor) or it.dim() <= 1):
-            if in_dim in m.dims:
-                raise Refused("it indexes a spatial dimension")
-            mapping[in_dim] = out_dim
-            key.append("index")
-            in_dim += 1
-            out_dim += 1
         else:
-            raise Refused("advanced indexing of a feature map")
-    call.tracer.assign(call.out, m.moved((mapping[m.dims[0]], mapping[m.dims[1]])), allocates=False)
-    return tuple(key)
+            raise Refused(f"it indexes a feature map with {type(it).__name__}")
+    return (mapping[m.dims[0]], mapping[m.dims[1]]), out_dim, tuple(key)
 
 
-def _split(call: Call) -> tuple:
+def _getitem(call: Call) -> tuple:
     m = call.input_map
-    ndim = call.input.dim()
-    defaults = {"narrow": 0, "index_select": 0, "select": 0, "hsplit": 1, "vsplit": 0}
-    if call.name in ("narrow", "index_select", "select"):
-        dim = _dims_arg(call, 1, 0)
-    elif call.name in ("hsplit", "vsplit"):
-        dim = defaults[call.name]
+    dims, _, key = _index_layout(call, call.input, m, call.args[1])
+    if any(call.out.shape[e] != call.input.shape[d] for d, e in zip(m.dims, dims)):
+        raise Refused("it indexes a feature map in a way the streaming engine cannot follow")
+    call.tracer.assign(call.out, m.moved(dims), allocates=False)
+    return key
+
+
+def _setitem(call: Call) -> tuple:
+    """``x[index] = value``: the write must cover every spatial position alike (channel slices, a mask
+    computed from the input) and the value must be a map on the same grid or uniform over space."""
+    target, index, value = call.args[0], call.args[1], call.args[2]
+    mt = call.map_of(target)
+    if mt is None:
+        raise Refused("it writes input-dependent values into a tensor that does not come from the input",
+                      "Build the tensor from the input instead (e.g. torch.zeros_like(x))")
+    mi = call.map_of(index)
+    if mi is not None:  # x[mask] = v with a mask computed from the input: where(mask, v, x)
+        if index.dtype != torch.bool or index.dim() != target.dim() or mi.dims != mt.dims \
+                or any(index.shape[d] != target.shape[d] for d in mt.dims):
+            raise Refused("it writes at input-dependent positions other than a full-size boolean mask")
+        if isinstance(value, Tensor) and (call.map_of(value) is not None or value.numel() != 1):
+            raise Refused("it writes a sequence of values at masked positions (their order depends on the tile)")
+        result = mt.union(mi)
+        key: tuple = ("mask",)
     else:
-        dim = _dims_arg(call, 2, 0)
-    if call.name == "unbind":
-        dim = _dims_arg(call, 1, 0)
-    dim = normalize_dim(int(dim), ndim)
-    if dim in m.dims:
-        raise Refused("it splits a feature map along a spatial dimension")
-    removes = call.name in ("unbind", "select")
-    new_dims = tuple(d - (1 if removes and d > dim else 0) for d in m.dims)
-    for out in tensors(call.out):
-        call.tracer.assign(out, m.moved(new_dims), allocates=call.name == "index_select")
-    return (call.name, dim)
+        dims, sub_ndim, key = _index_layout(call, target, mt, index)
+        result = mt
+        if isinstance(value, Tensor):
+            offset = sub_ndim - value.dim()
+            mv = call.map_of(value)
+            if mv is not None:
+                if tuple(d + offset for d in mv.dims) != dims \
+                        or any(value.shape[d] != target.shape[e] for d, e in zip(mv.dims, mt.dims)):
+                    raise Refused("it writes a feature map whose spatial dimensions do not line up")
+                try:
+                    result = mt.union(mv)
+                except ValueError as exc:
+                    raise Refused(str(exc))
+            elif any(d - offset >= 0 and value.shape[d - offset] != 1 for d in dims):
+                raise Refused("it writes a tensor that varies over space (tied to absolute positions)")
+    call.tracer.write(target, result)
+    return ("setitem",) + key
 
 
 def _cat(call: Call) -> tuple:
@@ -503,20 +609,6 @@ def _cat(call: Call) -> tuple:
             raise Refused("it concatenates feature maps along a spatial dimension")
     call.tracer.assign(call.out, result)
     return (dim, len(tensors))
-
-
-def _setitem(call: Call) -> tuple:
-    target, index, value = call.args[0], call.args[1], call.args[2]
-    mt, mv = call.map_of(target), call.map_of(value) if isinstance(value, Tensor) else None
-    if mt is None:
-        raise Refused("it writes input-dependent values into a constant tensor")
-    items = index if isinstance(index, tuple) else (index,)
-    full_spatial = all(not isinstance(it, slice) or (it.start is None and it.stop is None) for it in items)
-    if not full_spatial and len(items) > min(mt.dims):
-        raise Refused("it writes into part of the spatial extent of a feature map")
-    result = mt if mv is None else mt.union(mv)
-    call.tracer.assign(target, result, allocates=False)
-    return ("setitem",)
 
 
 RULES: dict[str, Callable[[Call], tuple]] = {

@@ -24,6 +24,7 @@ class _Tracer(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self._maps: dict[int, tuple[Tensor, Map]] = {}
+        self._aliases: dict[int, dict[int, Tensor]] = {}  # storage -> the maps that view it
         self.records: list[OpRecord] = []
         self.strides: tuple[set[int], set[int]] = ({1}, {1})
         self.path: list[str] = [""]
@@ -36,10 +37,27 @@ class _Tracer(TorchFunctionMode):
 
     def assign(self, t: Tensor, m: Map, allocates: bool = True) -> None:
         self._maps[id(t)] = (t, m)  # holding t keeps its id unique for the trace's lifetime
+        self._aliases.setdefault(_storage(t), {})[id(t)] = t
         self.strides[0].add(m.axes[0].stride)
         self.strides[1].add(m.axes[1].stride)
         if allocates:
             self.elements += t.numel()
+
+    def write(self, t: Tensor, m: Map) -> None:
+        """An in-place op gave ``t`` new values of geometry ``m``: so did every view of its storage (a
+        write through ``x[:, :2]`` or ``x.view(...)`` changes ``x``)."""
+        if self.map_of(t) is None:
+            raise Refused("it writes input-dependent values into a tensor that does not come from the input",
+                          "Build the tensor from the input instead (e.g. torch.zeros_like(x))")
+        self.assign(t, m, allocates=False)
+        for other in self._aliases.get(_storage(t), {}).values():
+            om = self.map_of(other)
+            if other is not t and om is not None:
+                try:
+                    axes = (om.axes[0].union(m.axes[0]), om.axes[1].union(m.axes[1]))
+                except ValueError as exc:
+                    raise Refused(str(exc))
+                self._maps[id(other)] = (other, Map(om.dims, axes))
 
     def refuse(self, op: str, reason: str, fix: str | None = None) -> None:
         raise NonLocalModuleError(self.path[-1], op, reason, fix)
@@ -54,8 +72,8 @@ class _Tracer(TorchFunctionMode):
         has_map = any(self.map_of(t) is not None for t in tensors((args, kwargs)))
         if name in NON_LOCAL and has_map:
             self.refuse(name, NON_LOCAL[name])
-        out = self._run(func, name, args, kwargs)
-        if not has_map or not any(True for _ in tensors(out)):
+        out = self._run(func, name, args, kwargs, has_map)
+        if not has_map or (not tensors(out) and name != "__setitem__"):  # x.shape, x.dim(), ...
             return out
         rule = rule_for(name)
         if rule is None:
@@ -66,10 +84,14 @@ class _Tracer(TorchFunctionMode):
             key = rule(call)
         except Refused as refusal:
             self.refuse(name, refusal.reason, refusal.fix)
+        if not call.constant_output and any(self.map_of(t) is None for t in tensors(out)):
+            # A rule that leaves an input-dependent output untracked would let every later op on it
+            # pass unchecked: refuse rather than guess.
+            self.refuse(name, "the streaming engine cannot follow which positions its output reads")
         self.records.append(OpRecord(self.path[-1], name, key))
         return out
 
-    def _run(self, func, name: str, args: tuple, kwargs: dict):
+    def _run(self, func, name: str, args: tuple, kwargs: dict, has_map: bool):
         meta_args, meta_kwargs = tree_map_only(Tensor, to_meta, (args, kwargs))
         if name in IDENTITY:
             # device moves cannot run on meta tensors; only the dtype matters for the trace
@@ -80,7 +102,9 @@ class _Tracer(TorchFunctionMode):
                     dtype = a
                 elif isinstance(a, Tensor) and name in ("to", "type_as"):
                     dtype = a.dtype
-            return source.to(dtype) if dtype is not None else source
+            if name in ("clone", "_to_copy") or (name == "contiguous" and not source.is_contiguous()):
+                return torch.empty_like(source, dtype=dtype)  # a copy: writes to it leave the source alone
+            return source.to(dtype) if dtype is not None else source  # like torch: same tensor when no-op
         source = meta_args[0] if meta_args and isinstance(meta_args[0], Tensor) else None
         if source is not None and name in SAME_SHAPE and self.map_of(args[0]) is not None:
             # Shape-preserving ops: skip their (slow, Python-decomposed) meta kernels.
@@ -91,9 +115,9 @@ class _Tracer(TorchFunctionMode):
             return torch.empty_like(source)
         if name == "conv2d":
             _check_conv_channels(self.path[-1], args, kwargs)
-        if name in self._META_INPLACE_GUARD and isinstance(args[0], Tensor) and not args[0].is_meta:
-            if any(self.map_of(t) is not None for t in tensors((args[1:], kwargs))):
-                self.refuse(name, "it writes input-dependent values into a tensor held by the module")
+        if has_map and _writes_first_argument(name) and isinstance(args[0], Tensor) and not args[0].is_meta:
+            # the meta copy would take the write, the module's own tensor would not: refuse
+            self.refuse(name, "it writes input-dependent values into a tensor held by the module")
         try:
             return func(*meta_args, **meta_kwargs)
         except NonLocalModuleError:
@@ -103,8 +127,18 @@ class _Tracer(TorchFunctionMode):
                 f"module '{self.path[-1] or '<root>'}' failed during shape tracing in '{name}': {exc}"
             ) from exc
 
-    _META_INPLACE_GUARD = frozenset({"copy_", "__setitem__", "add_", "mul_", "sub_", "div_",
-                                     "index_copy_", "index_add_", "masked_scatter_", "scatter_"})
+
+
+def _writes_first_argument(name: str) -> bool:
+    return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+
+
+def _storage(t: Tensor) -> int:
+    """Identity of the memory behind ``t``: views (slices, reshapes, permutations) share it."""
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # pragma: no cover - tensors without storage
+        return id(t)
 
 
 def _check_conv_channels(path: str, args: tuple, kwargs: dict) -> None:
