@@ -516,6 +516,8 @@ POSITIONAL_REFUSED = [
      "not an operation"),
     ("unfold", lambda x: F.pad(x.unfold(3, 2, 1)[..., 0], (0, 1)), "unfold", "not an operation"),
     ("as_strided", lambda x: x.as_strided(x.shape, x.stride()), "as_strided", "not an operation"),
+    ("crop_by_negative_padding", lambda x: F.pad(x, (0, 0, 0, -2)), "pad", "negative padding"),
+    ("crop_start_by_negative_padding", lambda x: F.pad(x, (-1, 1)), "pad", "negative padding"),
     ("flip", lambda x: x.flip(3), "flip", "flipping"),
     ("roll", lambda x: x.roll(1, 2), "roll", "wraps"),
 ]
@@ -590,10 +592,6 @@ def _full_slices(x, wide):  # full slices written out: every position alike
     return wide(x)[:, :, : x.shape[2], -x.shape[3]:] + x[:, :, 0:, ::1]
 
 
-def _crop_by_negative_padding(x, wide):  # F.pad with negative pads crops: exact, like a shifted window
-    return F.pad(wide(F.pad(x, (-1, 2, 1, -2))), (1, -1, -2, 1), mode="replicate")
-
-
 def _reduce_channels_keyword(x, wide):
     y = wide(x)
     return y - y.mean(dim=1, keepdim=True) + torch.amax(y, dim=-3, keepdim=True) * x.std(1, keepdim=True)
@@ -609,7 +607,6 @@ LOCAL_VARIANTS = [
     ("mask_from_input", _mask_from_input),
     ("uniform_constant_expanded", _uniform_constant_expanded),
     ("full_slices", _full_slices),
-    ("crop_by_negative_padding", _crop_by_negative_padding),
     ("reduce_channels_keyword", _reduce_channels_keyword),
 ]
 

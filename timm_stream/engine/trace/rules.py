@@ -178,6 +178,11 @@ def _pad(call: Call) -> tuple:
         if 2 * j + 1 < len(pads) and (pads[2 * j] or pads[2 * j + 1]):
             if b["mode"] == "circular":
                 raise Refused("circular padding wraps the far border of the image around")
+            if pads[2 * j] < 0 or pads[2 * j + 1] < 0:
+                # Found by tests/test_trace_property.py: a crop at the far end of an axis changes the
+                # map's length in a way the tile plan does not follow (and crops every tile).
+                raise Refused("negative padding crops the map at every tile's border, not only the image's",
+                              "Crop the image before streaming, or the streamed output after it")
             g = axes[axis].shift(pads[2 * j])
             if b["mode"] in ("reflect", "replicate") and not g.empty:
                 # Padding copies values from inside the border, up to twice (reflect) or once
