@@ -278,8 +278,14 @@ def test_batchnorm_on_a_parameter_is_not_the_input_path():
 
 
 def test_disabled_dropout_is_accepted():
+    """Rate 0 in training, or any rate in eval: the identity, so it adds nothing to the receptive field
+    and streams exactly (training with a rate > 0 is refused: see REFUSED)."""
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.0), nn.Dropout(0.5).eval(), nn.Conv2d(4, 4, 3))
-    StreamingCNN(module, 32)
+    s = StreamingCNN(randomize_(module, 0).double(), 12, stitch="none")
+    assert tuple((a.stride, a.lo, a.hi) for a in s.geometry.axes) == ((1, 0, 4), (1, 0, 4))
+    assert module[1].training and not module[2].training  # the engine left the modes alone
+    assert s.plan((30, 31), torch.float64).num_tiles > 4
+    assert_exact(s, torch.randn(2, 3, 30, 31, dtype=torch.float64))
 
 
 def test_timm_conv2d_same_is_refused():
