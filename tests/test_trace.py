@@ -529,6 +529,7 @@ POSITIONAL_REFUSED = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # new_tensor(tensor), on purpose
 @pytest.mark.parametrize("label, fn, op, reason", POSITIONAL_REFUSED, ids=[r[0] for r in POSITIONAL_REFUSED])
 def test_position_dependent_operations_are_refused_with_their_path(label, fn, op, reason):
     with pytest.raises(NonLocalModuleError) as info:

@@ -117,8 +117,8 @@ def _conv2d(call: Call) -> tuple:
     b = call.bind(("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
                   (None, None, None, 1, 0, 1, 1))
     m = call.map_of(b["input"])
-    if m is None:
-        raise Refused("the convolution weight depends on the input")
+    if m is None or call.map_of(b["weight"]) is not None or call.map_of(b["bias"]) is not None:
+        raise Refused("the convolution weight depends on the input (a dynamic convolution)")
     _spatial_last_two(call, m)
     kernel = tuple(b["weight"].shape[-2:])
     stride, dilation = pair(b["stride"]), pair(b["dilation"])
@@ -184,7 +184,7 @@ def _pad(call: Call) -> tuple:
                 raise Refused("negative padding crops the map at every tile's border, not only the image's",
                               "Crop the image before streaming, or the streamed output after it")
             g = axes[axis].shift(pads[2 * j])
-            if b["mode"] in ("reflect", "replicate") and not g.empty:
+            if b["mode"] in ("reflect", "replicate"):
                 # Padding copies values from inside the border, up to twice (reflect) or once
                 # (replicate) the padding away: a tile at the border must hold them, computed
                 # correctly, and (reflect) be wider than the padding. Wider than needed inside.

@@ -3,6 +3,7 @@ under a ``TorchFunctionMode``, keeps a :class:`~.records.Map` for every input-de
 hands each operation on one to its geometry rule (:mod:`.rules`)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -168,23 +169,14 @@ def trace(fn: Callable[[Tensor], Tensor], input_shape: Sequence[int], *, dtype: 
     tracer = _Tracer()
     x = torch.empty(tuple(input_shape), dtype=dtype, device="meta")
     tracer.assign(x, Map((2, 3), (AxisGeometry(), AxisGeometry())), allocates=False)
-    paths = ModulePaths(modules, tracer, path_prefix) if modules is not None else None
-    with torch.no_grad():
-        if paths is not None:
-            paths.__enter__()
-        try:
-            with tracer:
-                out = fn(x)
-        finally:
-            if paths is not None:
-                paths.__exit__(None, None, None)
+    paths = ModulePaths(modules, tracer, path_prefix) if modules is not None else contextlib.nullcontext()
+    with torch.no_grad(), paths, tracer:
+        out = fn(x)
     m = tracer.map_of(out) if isinstance(out, Tensor) else None
     if m is None or out.dim() != 4 or m.dims != (2, 3):
         raise TraceError("the streamed module must return one (N, C, H, W) feature map computed from its "
                          f"input; it returned {type(out).__name__}"
                          + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))
-    if m.axes[0].empty or m.axes[1].empty:
-        raise TraceError("the streamed module's output does not depend on its input")
     return Trace(
         input_shape=tuple(input_shape),
         output_shape=tuple(out.shape),
