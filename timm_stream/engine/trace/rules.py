@@ -20,6 +20,7 @@ from .ops import (CATS, CREATIONS, DROPOUTS, EXPANDS, IDENTITY, PERMUTATIONS, RE
                   SHAPE_KEEPING_ALONG_DIM, SPLITS, is_pointwise)
 from .records import Map
 
+
 class Refused(Exception):
     """Raised by a rule; turned into a NonLocalModuleError carrying the module path."""
 
@@ -58,7 +59,6 @@ def normalize_dim(dim: int, ndim: int) -> int:
 
 def to_meta(t: Tensor) -> Tensor:
     return t if t.is_meta else t.detach().to("meta")
-
 
 
 class Call:
@@ -642,8 +642,6 @@ RULES: dict[str, Callable[[Call], tuple]] = {
     **{n: _split for n in SPLITS},
     **{n: _cat for n in CATS},
 }
-
-
 
 
 def rule_for(name: str) -> Callable[[Call], tuple] | None:

@@ -129,7 +129,6 @@ class _Tracer(TorchFunctionMode):
             ) from exc
 
 
-
 def _writes_first_argument(name: str) -> bool:
     return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
 
