@@ -624,3 +624,21 @@ def test_local_variants_of_positional_idioms_are_exact(label, fn):
     s = StreamingCNN(module.double(), (12, 14), stitch="none")
     assert s.plan((37, 45), torch.float64).num_tiles > 4
     assert_exact(s, torch.randn(2, 3, 37, 45, dtype=torch.float64))
+
+
+class ScratchOut(nn.Module):
+    """Writes a map into a tensor the module holds (``out=``): the trace would only write a meta copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scratch", torch.empty(0))
+
+    def forward(self, x):
+        torch.mul(x, 2.0, out=self.scratch)
+        return x + 1
+
+
+@pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")
+def test_writes_into_module_tensors_are_refused():
+    with pytest.raises(NonLocalModuleError, match=r"'stage\.0\.inner' \(mul\).*held by the module"):
+        StreamingCNN(wrapped(ScratchOut()), 256)

@@ -116,7 +116,8 @@ class _Tracer(TorchFunctionMode):
             return torch.empty_like(source)
         if name == "conv2d":
             _check_conv_channels(self.path[-1], args, kwargs)
-        if has_map and _writes_first_argument(name) and isinstance(args[0], Tensor) and not args[0].is_meta:
+        written = args[0] if _writes_first_argument(name) and args else kwargs.get("out")
+        if has_map and any(not t.is_meta for t in tensors(written)):
             # the meta copy would take the write, the module's own tensor would not: refuse
             self.refuse(name, "it writes input-dependent values into a tensor held by the module")
         try:
