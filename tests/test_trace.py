@@ -642,3 +642,13 @@ class ScratchOut(nn.Module):
 def test_writes_into_module_tensors_are_refused():
     with pytest.raises(NonLocalModuleError, match=r"'stage\.0\.inner' \(mul\).*held by the module"):
         StreamingCNN(wrapped(ScratchOut()), 256)
+
+
+def test_an_output_no_rule_tracked_is_refused(monkeypatch):
+    """The tracer's safety net: a rule that forgets to give its output a map would let every later op on
+    it pass unchecked (e.g. a global pooling), so the op is refused instead."""
+    from timm_stream.engine.trace import rules
+
+    monkeypatch.setitem(rules.RULES, "tanh", lambda call: ())  # a rule that tracks nothing
+    with pytest.raises(NonLocalModuleError, match=r"'stage\.0\.inner' \(tanh\).*cannot follow"):
+        StreamingCNN(wrapped(nn.Tanh()), 256)
