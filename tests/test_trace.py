@@ -278,8 +278,14 @@ def test_batchnorm_on_a_parameter_is_not_the_input_path():
 
 
 def test_disabled_dropout_is_accepted():
+    """Rate 0 in training, or any rate in eval: the identity, so it adds nothing to the receptive field
+    and streams exactly (training with a rate > 0 is refused: see REFUSED)."""
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.0), nn.Dropout(0.5).eval(), nn.Conv2d(4, 4, 3))
-    StreamingCNN(module, 32)
+    s = StreamingCNN(randomize_(module, 0).double(), 12, stitch="none")
+    assert tuple((a.stride, a.lo, a.hi) for a in s.geometry.axes) == ((1, 0, 4), (1, 0, 4))
+    assert module[1].training and not module[2].training  # the engine left the modes alone
+    assert s.plan((30, 31), torch.float64).num_tiles > 4
+    assert_exact(s, torch.randn(2, 3, 30, 31, dtype=torch.float64))
 
 
 def test_timm_conv2d_same_is_refused():
@@ -389,3 +395,260 @@ def test_every_elementwise_activation_is_accepted_and_exact(activation):
     s = StreamingCNN(net, 24)
     assert s.plan((50, 41)).pieces[0].num_tiles > 1
     assert_exact(s, torch.randn(2, 3, 50, 41, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Position-dependent operations (issue 9, item 1): an op whose effect depends on ABSOLUTE positions
+# (a row index, a crop, a constant mask, a position code) would pick different pixels in a tile than
+# in the image. Each is refused with the module's path; the local variants of the same idioms are
+# accepted and exact.
+
+
+class Positional(nn.Module):
+    """``forward`` is a plain function of the feature map (named in the test id)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _write_row(x):  # the issue's example: a whole image row zeroed
+    x = x.clone()
+    x[:, :, 5] = 0
+    return x
+
+
+def _write_column_slice(x):  # the issue's second example
+    x = x.clone()
+    x[..., 5:6] = 0
+    return x
+
+
+def _write_constant_mask(x):
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    mask[..., 3, 3] = True
+    x = x.clone()
+    x[mask] = 0
+    return x
+
+
+def _write_position_code(x):  # a write of a constant that varies over space
+    x = x.clone()
+    x[:, :1] = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+    return x
+
+
+def _arange_expand_as(x):  # a position code laid out like the map (accepted before: expand_as lent x's map)
+    return x + torch.arange(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(x)
+
+
+def _arange_type_as(x):  # the same through type_as (accepted before: type_as lent x's map)
+    code = torch.arange(x.shape[-1], device=x.device).view(1, 1, 1, -1).expand(x.shape)
+    return x + code.type_as(x)
+
+
+def _arange_view_as(x):  # and through view_as
+    return x + torch.arange(x.numel(), dtype=x.dtype, device=x.device).view_as(x)
+
+
+def _new_tensor_code(x):  # new_tensor copies constant data (accepted before as a constant map)
+    code = torch.arange(x.shape[-1], device=x.device).expand(x.shape)
+    return x + x.new_tensor(code)
+
+
+def _boolean_index_pool(x):  # x[True] adds a dim: the old index walk lost the spatial dims
+    pooled = x[True].mean((3, 4))[0]
+    return x * pooled[:, :, None, None]
+
+
+def _kthvalue_spatial(x):  # kthvalue(k, dim): the old rule read k as the dim
+    return x - x.kthvalue(1, 3, keepdim=True).values
+
+
+def _vector_norm_spatial(x):  # vector_norm(x, ord, dim): likewise
+    return x / torch.linalg.vector_norm(x, 1, 3, keepdim=True)
+
+
+def _std_all(x):  # std(unbiased): the old rule read the bool as dim 0
+    return x - x.std(False)
+
+
+def _index_two_tensors(x):  # two index tensors broadcast into one dim
+    idx = torch.tensor([0, 1], device=x.device)
+    return x[idx, idx].unsqueeze(0)
+
+
+POSITIONAL_REFUSED = [
+    ("write_row", _write_row, "__setitem__", "spatial dimension"),
+    ("write_column_slice", _write_column_slice, "__setitem__", "slices a spatial"),
+    ("write_constant_mask", _write_constant_mask, "__setitem__", "spatial dimension"),
+    ("write_position_code", _write_position_code, "__setitem__", "varies over space"),
+    ("strided_slice", lambda x: x[:, :, ::2].repeat_interleave(2, 2)[:, :, : x.shape[2]], "__getitem__",
+     "slices a spatial"),
+    ("reversed_index", lambda x: x[..., list(range(x.shape[-1] - 1, -1, -1))], "__getitem__", "spatial"),
+    ("boolean_index", _boolean_index_pool, "__getitem__", "boolean"),
+    ("two_index_tensors", _index_two_tensors, "__getitem__", "several index tensors"),
+    ("narrow_spatial", lambda x: F.pad(x.narrow(dim=3, start=1, length=x.shape[3] - 1), (0, 1)), "narrow",
+     "spatial"),
+    ("split_spatial_keyword", lambda x: torch.cat(x.split(x.shape[2] // 2 + 1, dim=2)[::-1], 2), "split",
+     "spatial"),
+    ("select_spatial", lambda x: x.select(-1, 0).unsqueeze(-1).expand_as(x), "select", "spatial"),
+    ("kthvalue_spatial", _kthvalue_spatial, "kthvalue", "spatial"),
+    ("vector_norm_spatial", _vector_norm_spatial, "linalg_vector_norm", "spatial"),
+    ("std_all", _std_all, "std", "spatial"),
+    ("sort_spatial_keyword", lambda x: x.sort(dim=-2).values, "sort", "spatial"),
+    ("masked_fill_constant", lambda x: x.masked_fill(torch.eye(x.shape[-1], dtype=torch.bool), 0.0),
+     "masked_fill", "varies over space"),
+    ("where_constant", lambda x: torch.where(torch.eye(x.shape[-1], dtype=torch.bool), x, 0.0), "where",
+     "varies over space"),
+    ("arange_add", lambda x: x + torch.arange(x.shape[-1], dtype=x.dtype), "add", "varies over space"),
+    ("arange_expand_as", _arange_expand_as, "add", "varies over space"),
+    ("arange_type_as", _arange_type_as, "add", "varies over space"),
+    ("arange_view_as", _arange_view_as, "add", "varies over space"),
+    ("new_tensor_code", _new_tensor_code, "add", "varies over space"),
+    ("constant_gather", lambda x: torch.arange(64.0)[x.argmax(1, keepdim=True)] + x, "__getitem__",
+     "does not come from the input"),
+    ("index_put", lambda x: x.clone().index_put_((torch.tensor([0]),) * 4, torch.tensor(0.0)), "index_put_",
+     "not an operation"),
+    ("index_fill", lambda x: x.index_fill(2, torch.tensor([3]), 0.0), "index_fill", "not an operation"),
+    ("scatter", lambda x: x.clone().scatter_(3, torch.zeros(x.shape[:3] + (1,), dtype=torch.long), 0.0),
+     "scatter_", "not an operation"),
+    ("tril", lambda x: x.tril(), "tril", "not an operation"),
+    ("triu", lambda x: torch.triu(x, 1), "triu", "not an operation"),
+    ("diagonal", lambda x: x.diagonal(dim1=2, dim2=3).unsqueeze(-1).expand_as(x), "diagonal",
+     "not an operation"),
+    ("unfold", lambda x: F.pad(x.unfold(3, 2, 1)[..., 0], (0, 1)), "unfold", "not an operation"),
+    ("as_strided", lambda x: x.as_strided(x.shape, x.stride()), "as_strided", "not an operation"),
+    ("crop_by_negative_padding", lambda x: F.pad(x, (0, 0, 0, -2)), "pad", "negative padding"),
+    ("crop_start_by_negative_padding", lambda x: F.pad(x, (-1, 1)), "pad", "negative padding"),
+    ("flip", lambda x: x.flip(3), "flip", "flipping"),
+    ("roll", lambda x: x.roll(1, 2), "roll", "wraps"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # new_tensor(tensor), on purpose
+@pytest.mark.parametrize("label, fn, op, reason", POSITIONAL_REFUSED, ids=[r[0] for r in POSITIONAL_REFUSED])
+def test_position_dependent_operations_are_refused_with_their_path(label, fn, op, reason):
+    with pytest.raises(NonLocalModuleError) as info:
+        StreamingCNN(wrapped(Positional(fn)), 256)
+    err = info.value
+    assert err.module_path == "stage.0.inner", str(err)
+    assert err.operation == op, str(err)
+    assert reason.lower() in str(err).lower(), str(err)
+
+
+class WideBranch(nn.Module):
+    """A map with a wider receptive field than its input, to be written into a copy of the input."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.wide = nn.Conv2d(4, 4, 5, padding=2)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x, self.wide)
+
+
+def _setitem_channels_from_wider_map(x, wide):  # y[:, :2] = ... makes y as wide as the written map
+    y = x.clone()
+    y[:, :2] = wide(x)[:, :2]
+    return y
+
+
+def _copy_into_view(x, wide):  # a write through a view widens the viewed tensor
+    y = x.clone()
+    y[:, 1:3].copy_(wide(x)[:, :2])
+    return y
+
+
+def _add_into_narrowed_view(x, wide):
+    y = x * 1
+    y.narrow(1, 0, 2).add_(wide(x)[:, 2:])
+    return y
+
+
+def _write_into_permuted_view(x, wide):
+    y = x.clone()
+    y.permute(0, 2, 3, 1)[..., 0] = wide(x)[:, 0]
+    return y
+
+
+def _border_mask(x, wide):  # conv of a constant map: zero padding makes it position dependent at the border
+    return x + wide(torch.ones_like(x))
+
+
+def _constant_map_like(x, wide):
+    return torch.cat([wide(x), torch.zeros_like(x), x.new_full(x.shape, 2.0)], 1)[:, :4] + x.new_ones(x.shape)
+
+
+def _mask_from_input(x, wide):  # a mask computed from the input is position-wise
+    y = wide(x).clone()
+    y[x > 0.3] = -1.0
+    return y
+
+
+def _uniform_constant_expanded(x, wide):
+    bias = torch.linspace(-1, 1, x.shape[1], dtype=x.dtype).view(1, -1, 1, 1)
+    return wide(x) * bias.expand_as(x)
+
+
+def _full_slices(x, wide):  # full slices written out: every position alike
+    return wide(x)[:, :, : x.shape[2], -x.shape[3]:] + x[:, :, 0:, ::1]
+
+
+def _reduce_channels_keyword(x, wide):
+    y = wide(x)
+    return y - y.mean(dim=1, keepdim=True) + torch.amax(y, dim=-3, keepdim=True) * x.std(1, keepdim=True)
+
+
+LOCAL_VARIANTS = [
+    ("setitem_channels_from_wider_map", _setitem_channels_from_wider_map),
+    ("copy_into_view", _copy_into_view),
+    ("add_into_narrowed_view", _add_into_narrowed_view),
+    ("write_into_permuted_view", _write_into_permuted_view),
+    ("border_mask", _border_mask),
+    ("constant_map_like", _constant_map_like),
+    ("mask_from_input", _mask_from_input),
+    ("uniform_constant_expanded", _uniform_constant_expanded),
+    ("full_slices", _full_slices),
+    ("reduce_channels_keyword", _reduce_channels_keyword),
+]
+
+
+@pytest.mark.parametrize("label, fn", LOCAL_VARIANTS, ids=[v[0] for v in LOCAL_VARIANTS])
+def test_local_variants_of_positional_idioms_are_exact(label, fn):
+    module = randomize_(nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 4, 3, padding=1), inner=WideBranch(fn))), 3)
+    s = StreamingCNN(module.double(), (12, 14), stitch="none")
+    assert s.plan((37, 45), torch.float64).num_tiles > 4
+    assert_exact(s, torch.randn(2, 3, 37, 45, dtype=torch.float64))
+
+
+class ScratchOut(nn.Module):
+    """Writes a map into a tensor the module holds (``out=``): the trace would only write a meta copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scratch", torch.empty(0))
+
+    def forward(self, x):
+        torch.mul(x, 2.0, out=self.scratch)
+        return x + 1
+
+
+@pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")
+def test_writes_into_module_tensors_are_refused():
+    with pytest.raises(NonLocalModuleError, match=r"'stage\.0\.inner' \(mul\).*held by the module"):
+        StreamingCNN(wrapped(ScratchOut()), 256)
+
+
+def test_an_output_no_rule_tracked_is_refused(monkeypatch):
+    """The tracer's safety net: a rule that forgets to give its output a map would let every later op on
+    it pass unchecked (e.g. a global pooling), so the op is refused instead."""
+    from timm_stream.engine.trace import rules
+
+    monkeypatch.setitem(rules.RULES, "tanh", lambda call: ())  # a rule that tracks nothing
+    with pytest.raises(NonLocalModuleError, match=r"'stage\.0\.inner' \(tanh\).*cannot follow"):
+        StreamingCNN(wrapped(nn.Tanh()), 256)
