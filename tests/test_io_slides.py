@@ -125,21 +125,23 @@ def test_mpp_chooses_the_level_as_openslide_downsamples_say(slides):
             assert read_image_info(slides[kind], mpp=mpp0 * down * 1.05).level == level
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
 @pytest.mark.parametrize("kind", OPENSLIDE_PYRAMIDS)
-def test_openslide_backend_same_levels_mpp_and_pixels(slides, kind):
+def test_openslide_backend_same_levels_mpp_and_pixels(slides, kind, backend):
+    pytest.importorskip(backend, reason=f"the optional {backend} backend is not installed")
     path = slides[kind]
     tolerance = JPEG_TOLERANCE if kind in JPEG_FILES else 0
     ours = open_image(path)
-    theirs = open_image(path, backend="openslide")
+    theirs = open_image(path, backend=backend)
     assert theirs.level_shapes == ours.level_shapes and theirs.mpp0 == pytest.approx(ours.mpp0)
     for level in range(len(ours.level_shapes)):
-        a, b = open_image(path, level=level), open_image(path, level=level, backend="openslide")
+        a, b = open_image(path, level=level), open_image(path, level=level, backend=backend)
         assert a.shape == b.shape and b.dtype == torch.uint8
         if abs(b.downsamples[level] - round(b.downsamples[level])) < 1e-9:
             h, w = a.shape[2:]
             assert (a[:, :, h // 3:h // 2, w // 5:w // 2].int() - b[:, :, h // 3:h // 2, w // 5:w // 2].int()
                     ).abs().max() <= tolerance
-    assert open_image(path, mpp=ours.mpp0 * 4.2, backend="openslide").level == open_image(path, mpp=ours.mpp0 * 4.2).level
+    assert open_image(path, mpp=ours.mpp0 * 4.2, backend=backend).level == open_image(path, mpp=ours.mpp0 * 4.2).level
 
 
 def test_auto_backend_reads_tiff_with_tifffile(slides):

@@ -123,7 +123,8 @@ class OpenSlideImage(LazyImage):
             return torch.zeros((1, self.shape[1], r1 - r0, c1 - c0), dtype=torch.uint8)
         rgba = np.asarray(slide.read_region((round(c0 * down), round(r0 * down)), self.level, (c1 - c0, r1 - r0)))
         rgb = composite(rgba, self.background)
-        rgb = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous()
+        # tiffslide hands back read-only arrays; the region returned must be the caller's to write into
+        rgb = torch.from_numpy(np.require(rgb, requirements="W")).permute(2, 0, 1).unsqueeze(0).contiguous()
         return adapt_channels(rgb, self.channels, self.path)
 
     def at_level(self, level: int) -> "OpenSlideImage":

@@ -135,6 +135,20 @@ def calibrate_batchnorm(model, crops) -> None:
     model.train(model.training)  # freezes the norms again
 
 
+def one_cycle_adamw(lr: float, steps: int):
+    """The demos' ``(optimizer, scheduler)`` factories for :class:`StreamingClassifier`: AdamW (weight decay
+    1e-4) with a one-cycle learning rate peaking at ``lr`` over ``steps`` optimizer steps."""
+    import torch
+
+    def optimizer(params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+
+    return optimizer, scheduler
+
+
 def _peak_rss() -> int:
     """Peak resident memory of this process (bytes): Linux's VmHWM (``getrusage``'s ru_maxrss would
     carry a parent's peak over ``exec`` into a subprocess), else ru_maxrss."""
@@ -258,13 +272,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     use_pretrained = args.pretrained == "auto" and pretrained_weights_cached(args.model)
     steps = args.epochs * math.ceil(args.images)
-    lr = args.lr
-
-    def optimizer(params):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-
-    def scheduler(opt):
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+    optimizer, scheduler = one_cycle_adamw(args.lr, steps)
 
     previous_offline = hf_constants.HF_HUB_OFFLINE
     hf_constants.HF_HUB_OFFLINE = True  # cached weights or none: never reach the network

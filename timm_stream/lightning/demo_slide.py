@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .demo import LABELS, PATTERN, _gib, _pattern, _peak_rss, calibrate_batchnorm
+from .demo import LABELS, PATTERN, _gib, _pattern, _peak_rss, calibrate_batchnorm, one_cycle_adamw
 
 __all__ = ["main", "run", "make_slide", "generate_slides", "tiles_with_tissue"]
 
@@ -44,7 +44,7 @@ def make_slide(rng: np.random.Generator, size: int, label: int, patterns: int, r
     image = np.empty((size, size, 3), np.float32)
     noise = rng.normal(0, 4, (size, size)).astype(np.float32)
     for ch in range(3):
-        image[..., ch] = np.where(tissue, TISSUE[ch] + 3 * noise, BACKGROUND[ch] + noise / 2)
+        image[..., ch] = np.where(tissue, TISSUE[ch] + 1.5 * noise, BACKGROUND[ch] + noise / 2)
     pattern = _pattern(label, 90.0)
     for cy, cx, ry, rx in centers:
         for _ in range(patterns):
@@ -71,6 +71,8 @@ def write_pyramid(path: Path, image: np.ndarray) -> None:
 def generate_slides(directory: Path, *, slides: int, val_slides: int, size: int, seed: int, patterns: int) -> Path:
     """``slides`` + ``val_slides`` pyramidal TIFF slides and ``data.csv`` (path,label,split)."""
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("train_*.tif"), *directory.glob("val_*.tif")]:  # an earlier run's slides
+        stale.unlink()
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(slides + val_slides):
@@ -108,7 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-slides", type=int, default=8, help="validation slides (default 8)")
     parser.add_argument("--size", type=int, default=2048, help="slide side at level 0 in px (default 2048)")
     parser.add_argument("--patterns", type=int, default=12, help="patterns per tissue region (default 12)")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
     parser.add_argument("--tile-size", type=int, default=512, help="tile side in px (default 512)")
     parser.add_argument("--pool", default="max", choices=("max", "avg", "avgmax", "attention"),
                         help="global pooling, computed while streaming (default max: 'is a pattern anywhere?')")
@@ -148,14 +150,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     csv_path = generate_slides(out / "data", slides=args.slides, val_slides=args.val_slides, size=args.size,
                                seed=args.seed, patterns=args.patterns)
 
-    steps = args.epochs * args.slides
-    lr = args.lr
-
-    def optimizer(params):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-
-    def scheduler(opt):
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+    optimizer, scheduler = one_cycle_adamw(args.lr, args.epochs * args.slides)
 
     module = StreamingClassifier(args.model, num_classes=2, tile_size=args.tile_size, pretrained=False,
                                  global_pool=args.pool, stream_stages=4, label_names=LABELS, optimizer=optimizer,
