@@ -220,6 +220,24 @@ def test_datamodule_mask_column_and_tissue_masks(tmp_path):
         LargeImageDataModule(csv=str(tmp_path / "bad.csv"), num_classes=2, num_workers=0).setup("fit")
 
 
+def test_empty_masks_fall_back_to_the_whole_slide_naming_the_file(tmp_path):
+    """A blank slide (no tissue) or an all-zero mask file must not fail mid-epoch without a name (the
+    engine refuses a mask that keeps nothing): the item has no mask, with a warning naming the file."""
+    blank = np.full((256, 320, 3), 128, np.uint8)
+    _pyramid(tmp_path / "blank.tif", blank)
+    img, truth = _tissue_slide(seed=6)
+    _pyramid(tmp_path / "a.tif", img)
+    tifffile.imwrite(tmp_path / "zero_mask.tif", np.zeros((40, 50), np.uint8), metadata=None)
+    assert not tissue_mask(open_image(tmp_path / "blank.tif")).any()
+    ds = LargeImageDataset([tmp_path / "blank.tif", tmp_path / "a.tif"], [0, 1], lazy=True, tissue_masks=True,
+                           masks=[None, str(tmp_path / "zero_mask.tif")])
+    for index, what in ((0, "tissue mask"), (1, "mask file")):
+        with pytest.warns(UserWarning, match=rf"{('blank' if index == 0 else 'a')}\.tif: the {what}.* is empty"):
+            assert ds[index]["mask"] is None
+    ds = LargeImageDataset([tmp_path / "a.tif"], [1], lazy=True, tissue_masks=True)
+    assert ds[0]["mask"] is not None and ds[0]["mask"].any()
+
+
 def test_lazy_slides_cross_worker_processes(tmp_path):
     _pyramid(tmp_path / "a.tif", slide_pixels(200, 260))
     ds = LargeImageDataset([tmp_path / "a.tif"] * 2, [0, 1], lazy=True)

@@ -129,3 +129,31 @@ def test_pooling_survives_save_and_load(tmp_path, pool):
     x = torch.randn(1, 3, 96, 80)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "attention"])
+def test_half_precision_models_pool_in_their_own_dtype(pool):
+    """Reducers accumulate in float32 but hand back the map's dtype, as timm's pooling does: a bf16 model's
+    head must get bf16 features (streamed and un-tiled alike)."""
+    model = timm.create_model("stream_test_resnet", tile_size=96, global_pool=pool, num_classes=3,
+                              stream_stages=4).to(torch.bfloat16)
+    x = torch.randn(1, 3, 256, 192, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert model.pooling_streamed and model.stream_plan(x.shape[2:]).num_tiles > 1
+    streamed = model(x)
+    model.streaming = False
+    untiled = model(x)
+    assert streamed.dtype == untiled.dtype == torch.bfloat16
+    assert relative_error(streamed.float(), untiled.float()) < 2e-2
+
+
+def test_non_images_are_refused_naming_the_lazy_image_protocol():
+    model = model_for("avg")
+
+    class NoDtype:
+        shape = (1, 3, 64, 64)
+
+        def __getitem__(self, index):
+            return torch.zeros(1, 3, 1, 1)
+
+    with pytest.raises(TypeError, match="lazy image has `.shape`"):
+        model.streamer(NoDtype())

@@ -127,6 +127,7 @@ class ReduceSink:
     def __init__(self, plan: TilePlan, reducer: Reducer, mask: Tensor | None):
         self.plan, self.reducer, self.mask = plan, reducer, mask
         self.state: dict | None = None
+        self.dtype: torch.dtype | None = None
 
     def _mask(self, tile: Tile, device: torch.device) -> Tensor | None:
         if self.mask is None:
@@ -144,6 +145,7 @@ class ReduceSink:
     def add(self, y: Tensor, tile: Tile) -> None:
         if self.state is None:
             self.state = self.reducer.start(y)
+            self.dtype = y.dtype  # of the final map: the pooled features are returned in it
         self.reducer.accumulate(self.state, y, self._mask(tile, y.device), *self._where(tile))
 
     def outputs(self) -> tuple[Tensor, ...]:

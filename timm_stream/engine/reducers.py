@@ -50,8 +50,9 @@ def _positions(y: Tensor, origin: Sequence[int], map_size: Sequence[int]) -> Ten
 class Reducer(nn.Module):
     """Base class. Shapes: ``y`` ``(N, C, h, w)`` (a tile's owned crop, or a whole map); ``mask``
     ``(N, 1, h, w)`` bool or None; ``origin`` the crop's (row, column) in the final map of size
-    ``map_size``; the pooled output is ``(N, out_features(C))`` in ``y``'s dtype promoted to float32
-    at least. ``state`` is a dict of tensors owned by one streamed call."""
+    ``map_size``; the pooled output is ``(N, out_features(C))``, accumulated in ``y``'s dtype promoted
+    to float32 at least and returned (by ``forward`` and :class:`~.streaming.StreamingCNN`) in ``y``'s
+    dtype, as timm's pooling returns it. ``state`` is a dict of tensors owned by one streamed call."""
 
     name = ""
 
@@ -85,7 +86,7 @@ class Reducer(nn.Module):
         raise NotImplementedError
 
     def forward(self, y: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.reference(y, mask)
+        return self.reference(y, mask).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"'{self.name}'"

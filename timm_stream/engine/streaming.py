@@ -535,6 +535,10 @@ class StreamingCNN(nn.Module):
         last piece is pooled while streaming and yields ``("pool", pooled features (N, features))``
         instead of its map (which is then never stitched)."""
         lazy = is_lazy_image(x)
+        if not lazy and not isinstance(x, Tensor):
+            raise TypeError(f"StreamingCNN takes a tensor or a lazy image, got {type(x).__name__}: a lazy image has "
+                            "`.shape` (N, C, H, W), `.dtype` (a torch.dtype) and `x[:, :, r0:r1, c0:c1]` returning a "
+                            "tensor (timm_stream.engine.is_lazy_image)")
         if len(x.shape) != 4:
             raise ValueError(f"StreamingCNN expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
         if mask is not None and pool is None:
@@ -550,7 +554,7 @@ class StreamingCNN(nn.Module):
                 if index < len(self._pieces) - 1 or pool is None:
                     yield piece.names[-1], x
             if pool is not None:
-                yield "pool", pool.reference(x, final_mask(mask, x.shape[0], tuple(x.shape[-2:]), x.device))
+                yield "pool", pool(x, final_mask(mask, x.shape[0], tuple(x.shape[-2:]), x.device))
             return
         plan = self.plan(x.shape[-2:], x.dtype, x.shape[1], lazy=lazy, pooled=pool is not None)
         pieces, _, _, _ = self._choose_layout(pool is not None, lazy)
@@ -561,7 +565,7 @@ class StreamingCNN(nn.Module):
             if piece_plan.num_tiles == 1:  # the whole map is one tile: run it plainly, nothing to recompute
                 x = piece.module(self._prepare(x, device) if index == 0 else x.to(device))
                 if last and pool is not None:
-                    yield "pool", pool.reference(x, final_mask(mask, x.shape[0], tuple(x.shape[-2:]), x.device))
+                    yield "pool", pool(x, final_mask(mask, x.shape[0], tuple(x.shape[-2:]), x.device))
                     return
                 yield piece.names[-1], x
                 continue
@@ -586,7 +590,7 @@ class StreamingCNN(nn.Module):
                 out = out[0] if len(out) == 1 else out
             if sink is not None:
                 stats = (out,) if isinstance(out, Tensor) else tuple(out)
-                yield "pool", pool.finalize(stats, sink.state)
+                yield "pool", pool.finalize(stats, sink.state).to(sink.dtype)  # the map's dtype, as un-tiled
                 return
             x = out
             yield piece.names[-1], x

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -227,12 +228,20 @@ class LargeImageDataset(Dataset):
         return len(self.paths)
 
     def _mask(self, index: int, image: Any) -> torch.Tensor | None:
-        """The item's mask, before augmentation (the caller orients it with the image)."""
+        """The item's mask, before augmentation (the caller orients it with the image). An empty mask (a
+        blank slide, an all-zero mask file) would leave nothing to pool: the whole image is pooled instead,
+        with a warning naming the file, rather than failing mid-epoch."""
         if self.masks is not None and self.masks[index]:
-            return read_mask(str(self.masks[index]))
-        if self.tissue_masks:
-            return tissue_mask(image)
-        return None
+            mask, what = read_mask(str(self.masks[index])), f"mask file {self.masks[index]}"
+        elif self.tissue_masks:
+            mask, what = tissue_mask(image), "tissue mask (timm_stream.tissue_mask)"
+        else:
+            return None
+        if not bool(mask.any()):
+            warnings.warn(f"{self.paths[index]}: the {what} is empty (no tissue found): the whole image is "
+                          "pooled instead; check the slide, or drop it from the data", stacklevel=2)
+            return None
+        return mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = str(self.paths[index])

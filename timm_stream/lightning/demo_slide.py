@@ -1,8 +1,8 @@
 """``timm-stream demo --slide``: whole-slide training on the CPU, offline: lazy pyramidal slides, tissue masks,
 pooling while streaming.
 
-The task: each generated slide is mostly bright background with a few stained "tissue" regions (pink, textured);
-inside the tissue lie tiny (3x3 px) dark patterns, all *squares* (label 0) or all *crosses* (label 1) of the
+The task: each generated slide is mostly bright background with a few stained "tissue" regions (purple, textured);
+inside the tissue lie tiny (3x3 px) bright patterns, all *squares* (label 0) or all *crosses* (label 1) of the
 same summed intensity, invisible once the slide is shrunk. The slides are pyramidal TIFFs (level 0 plus two
 reduced levels, tifffile SubIFDs). Training reads them lazily (:func:`timm_stream.open_image`, nothing whole in
 memory), takes the tissue mask from the lowest level (:func:`timm_stream.tissue_mask`), and runs the whole
@@ -27,31 +27,35 @@ from .demo import LABELS, PATTERN, _gib, _pattern, _peak_rss, calibrate_batchnor
 __all__ = ["main", "run", "make_slide", "generate_slides", "tiles_with_tissue"]
 
 BACKGROUND = (236, 234, 238)  # bright, unsaturated glass
-TISSUE = (214, 150, 190)  # eosin pink
+TISSUE = (130, 70, 150)  # hematoxylin-stained tissue: purple, saturated
 
 
 def make_slide(rng: np.random.Generator, size: int, label: int, patterns: int, regions: int = 3) -> np.ndarray:
-    """One RGB uint8 slide ``(size, size, 3)``: background with ``regions`` elliptic tissue regions holding
-    ``patterns`` squares (label 0) or crosses (label 1) each."""
+    """One RGB uint8 slide ``(size, size, 3)``: background with ``regions`` elliptic tissue regions (soft
+    borders, a smooth stain texture) holding ``patterns`` squares (label 0) or crosses (label 1) each."""
+    from .demo import _texture
+
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    tissue = np.zeros((size, size), bool)
+    alpha = np.zeros((size, size), np.float32)
     centers = []
     for _ in range(regions):
         cy, cx = rng.uniform(0.2, 0.8, 2) * size
         ry, rx = rng.uniform(0.08, 0.16, 2) * size
-        tissue |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+        # a soft border (over 30% of the radius): sharp tissue edges would outshine the tiny patterns
+        alpha = np.maximum(alpha, np.clip((1.0 - r) / 0.3, 0.0, 1.0))
         centers.append((cy, cx, ry, rx))
+    stain = _texture(rng, size) - 90  # the plain demo's smooth texture and pixel noise, around 0
     image = np.empty((size, size, 3), np.float32)
-    noise = rng.normal(0, 4, (size, size)).astype(np.float32)
     for ch in range(3):
-        image[..., ch] = np.where(tissue, TISSUE[ch] + 1.5 * noise, BACKGROUND[ch] + noise / 2)
-    pattern = _pattern(label, 90.0)
+        image[..., ch] = alpha * (TISSUE[ch] + stain) + (1 - alpha) * BACKGROUND[ch]
+    pattern = _pattern(label, 80.0)
     for cy, cx, ry, rx in centers:
         for _ in range(patterns):
-            a, r = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.6))
+            a, r = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.45))
             y, x = int(cy + r * ry * np.sin(a)), int(cx + r * rx * np.cos(a))
             y, x = min(max(y, 0), size - PATTERN), min(max(x, 0), size - PATTERN)
-            image[y:y + PATTERN, x:x + PATTERN, :] -= pattern[..., None]
+            image[y:y + PATTERN, x:x + PATTERN, :] += pattern[..., None]
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
@@ -115,7 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool", default="max", choices=("max", "avg", "avgmax", "attention"),
                         help="global pooling, computed while streaming (default max: 'is a pattern anywhere?')")
     parser.add_argument("--model", default="stream_test_resnet", help="streaming architecture")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (one-cycle schedule)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (one-cycle schedule)")
     parser.add_argument("--output-dir", default="timm_stream_demo_slide", help="slides, logs, checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
