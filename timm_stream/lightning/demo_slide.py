@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-slides", type=int, default=8, help="validation slides (default 8)")
     parser.add_argument("--size", type=int, default=2048, help="slide side at level 0 in px (default 2048)")
     parser.add_argument("--patterns", type=int, default=12, help="patterns per tissue region (default 12)")
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     parser.add_argument("--tile-size", type=int, default=512, help="tile side in px (default 512)")
     parser.add_argument("--pool", default="max", choices=("max", "avg", "avgmax", "attention"),
                         help="global pooling, computed while streaming (default max: 'is a pattern anywhere?')")
