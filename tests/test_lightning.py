@@ -515,6 +515,12 @@ def test_eval_mode_notice_silenced_for_our_frozen_norms_only(tmp_path, dataset_d
             self.extra.eval()
             return self
 
+    import inspect
+
+    from lightning.pytorch.loops import fit_loop
+
+    if "in eval mode at the start of training" not in inspect.getsource(fit_loop):
+        pytest.skip("this Lightning version reports no eval-mode modules (lightning 2.4 does not): nothing to silence")
     notices = _fit_warnings(tmp_path / "b", dataset_dir, WithFrozenExtra(**MODEL))
     assert len(notices) == 1  # the user's eval-mode module is still reported
 
