@@ -291,16 +291,7 @@ def _pointwise(call: Call) -> tuple:
         dims = (m.dims[0] + offset, m.dims[1] + offset)
         if any(t.shape[d] != out_shape[d + offset] for d in m.dims):
             raise Refused("a feature map is broadcast over space (a global feature, e.g. from global pooling)")
-        moved = m.moved(dims)
-        if result is None:
-            result = moved
-        elif result.dims != moved.dims:
-            raise Refused("it combines feature maps whose spatial dimensions do not line up")
-        else:
-            try:
-                result = result.union(moved)
-            except ValueError as exc:
-                raise Refused(str(exc))
+        result = _combine(result, m.moved(dims), "combines")
     assert result is not None
     for t in tensors((call.args, call.kwargs)):
         if call.map_of(t) is not None:
@@ -587,6 +578,19 @@ def _setitem(call: Call) -> tuple:
     return ("setitem",) + key
 
 
+def _combine(result: Map | None, m: Map, verb: str) -> Map:
+    """The map of a position-wise combination of ``result`` (None: nothing yet) and ``m``: both must
+    put their spatial dims in the same places and lie on the same grid."""
+    if result is None:
+        return m
+    if m.dims != result.dims:
+        raise Refused(f"it {verb} feature maps whose spatial dimensions do not line up")
+    try:
+        return result.union(m)
+    except ValueError as exc:
+        raise Refused(str(exc))
+
+
 def _cat(call: Call) -> tuple:
     tensors = list(call.args[0]) if call.args else list(call.kwargs["tensors"])
     dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", call.kwargs.get("axis", 0))
@@ -595,15 +599,7 @@ def _cat(call: Call) -> tuple:
     for m in (call.map_of(t) for t in tensors):
         if m is None:
             raise Refused("it concatenates a feature map with a tensor that does not come from the input")
-        if result is None:
-            result = m
-        elif m.dims != result.dims:
-            raise Refused("it concatenates feature maps whose spatial dimensions do not line up")
-        else:
-            try:
-                result = result.union(m)
-            except ValueError as exc:
-                raise Refused(str(exc))
+        result = _combine(result, m, "concatenates")
     assert result is not None
     if call.name == "stack":
         dim = normalize_dim(int(dim), ndim + 1)
