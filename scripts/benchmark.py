@@ -63,6 +63,7 @@ C_LIMIT_BYTES = 4e9  # "4 GB": decimal, 3.73 GiB
 COMPARE, COMPARE_SMALL = (4096, 2048), (512, 256)
 MODES = ("untiled", "checkpoint", "lightstream", "default", "budget40", "budget100")
 BUDGET_FRACTIONS = {"budget40": 0.40, "budget100": 1.00}
+LIGHTSTREAM_MAX_TILES = 64  # beyond this its backward would run for hours on a CPU: skipped
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -256,6 +257,10 @@ def mode_worker(mode: str, image: int, tile: int, steps: int, threads: int, devi
             return {**result, "error": f"lightstream cannot run tile {tile}: its input-gradient border is "
                     f"{int(lost.top)}+{int(lost.bottom)} px; use a larger --compare-tile"}
         result["tiles"] = math.ceil((image - lost.top - lost.bottom) / valid) ** 2 if image > tile else 1
+        if result["tiles"] > LIGHTSTREAM_MAX_TILES:  # e.g. tile 1024 on resnet18: a 32 px stride, 1156 tiles at 2048²
+            return {**result, "error": f"lightstream would recompute {result['tiles']} tiles of {tile}² in "
+                    f"backward (its input-gradient border of {int(lost.top)}+{int(lost.bottom)} px leaves a "
+                    f"{valid} px stride); use a larger --compare-tile"}
     else:
         if mode in BUDGET_FRACTIONS:
             if "memory_budget" not in inspect.signature(StreamingCNN).parameters:
