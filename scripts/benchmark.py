@@ -481,7 +481,7 @@ def run_compare(args) -> dict:
             plan = "timm set_grad_checkpointing(True)"
         if mode == "lightstream":
             plan = f"lightstream 1.0.7, tile {r['tile']}, {r.get('tiles', '?')} backward tiles"
-        ratio = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
+        ratio = lambda key, fmt: format(r[key], fmt) if key in r else format("-", ">" + fmt[:-3])  # noqa: E731
         pred_time = format(r["predicted_time_ratio"], ".3f") if r.get("predicted_time_ratio") else "-"
         print(f"{mode:11s} {r['step_s']:8.2f} {ratio('time_ratio', '7.3f')} {_gib(r['peak_bytes']):>9s} "
               f"{ratio('mem_ratio', '6.3f')} {_gib(r.get('predicted_bytes')):>9s} "
