@@ -158,7 +158,8 @@ def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[St
     if streamer is None:
         main: StreamingCNN = model._streamer
         streamer = StreamingCNN(steps, main.tile_size, preprocess=main.preprocess, in_channels=main.in_channels,
-                                progress=main.progress, keep_last_tile=main.keep_last_tile, outputs=cuts)
+                                progress=main.progress, keep_last_tile=main.keep_last_tile, outputs=cuts,
+                                memory_budget=main.memory_budget)
         if len(cache) > 16:
             cache.clear()
         cache[key] = streamer
@@ -297,7 +298,7 @@ def restream(model: nn.Module) -> None:
     from ._stream_model import SubmoduleOf  # (that module delegates to this one)
 
     streamer = StreamingCNN(streamed, main.tile_size, preprocess=main.preprocess, in_channels=main.in_channels,
-                            progress=main.progress, keep_last_tile=main.keep_last_tile,
+                            progress=main.progress, keep_last_tile=main.keep_last_tile, memory_budget=main.memory_budget,
                             outputs=[n for n in main.outputs if n in names], resolve=SubmoduleOf(model))
     streamer.streaming = main.streaming
     object.__setattr__(model, "_split", split)
