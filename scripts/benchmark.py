@@ -35,6 +35,8 @@ loss after the steps, are the same everywhere). Memory: peak RSS of the worker b
 before the first step (measured after setup, ``gc.collect()`` and ``malloc_trim(0)``; the high-water
 mark is reset through ``/proc/self/clear_refs`` so that setup, e.g. lightstream's full-tile statistics
 pass, does not count); the peak covers every step, the first (untimed) one included; no warm-up run.
+Every worker runs with ``MALLOC_MMAP_THRESHOLD_=262144`` (glibc), the threshold timm_stream's engine fixes
+when it streams on the CPU, so that heap fragmentation counts the same in every mode.
 On CUDA: ``max_memory_allocated`` beyond ``memory_allocated`` before the first step. Time: the last of
 ``--steps`` steps (default 2). The timm_stream modes also print the planner's prediction
 (``plan.peak_memory``, ``plan.relative_time``; un-tiled: ``plan.untiled_memory``) next to the measurement.
@@ -63,6 +65,10 @@ C_LIMIT_BYTES = 4e9  # "4 GB": decimal, 3.73 GiB
 COMPARE, COMPARE_SMALL = (4096, 2048), (512, 256)
 MODES = ("untiled", "checkpoint", "lightstream", "default", "budget40", "budget100")
 BUDGET_FRACTIONS = {"budget40": 0.40, "budget100": 1.00}
+# Every mode's worker runs with glibc's mmap threshold fixed at 256 KiB, the value timm_stream's engine sets
+# when it streams on the CPU (engine/function.py): the dynamic threshold keeps freed mid-sized blocks on the
+# heap, resident (~0.3 GiB in a step), which would count against the modes that do not set it themselves.
+COMPARE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2 ** 10)}
 LIGHTSTREAM_MAX_TILES = 64  # beyond this its backward would run for hours on a CPU: skipped
 
 
@@ -332,9 +338,9 @@ def mode_worker(mode: str, image: int, tile: int, steps: int, threads: int, devi
 
 
 # ----------------------------------------------------------------------------------------- parent
-def _spawn(cmd: list[str], label: str) -> dict | None:
+def _spawn(cmd: list[str], label: str, env: dict | None = None) -> dict | None:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *cmd], check=False, stdout=subprocess.PIPE,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     if proc.returncode != 0:  # e.g. killed for memory (-9): report and go on
         print(f"  !! {label} worker failed with exit code {proc.returncode}", flush=True)
         return None
@@ -418,7 +424,7 @@ def measure_mode(mode: str, image: int, tile: int, steps: int, threads: int, dev
            "--threads", str(threads), "--device", device]
     if budget is not None:
         cmd += ["--budget", str(budget)]
-    return _spawn(cmd, mode) or {"mode": mode, "failed": True}
+    return _spawn(cmd, mode, COMPARE_ENV) or {"mode": mode, "failed": True}
 
 
 def _gib(value) -> str:
