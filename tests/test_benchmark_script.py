@@ -134,3 +134,19 @@ def test_small_comparison_runs_end_to_end(tmp_path):
     if "step_s" in budget:
         assert abs(budget["loss"] - untiled["loss"]) <= 1e-5 * abs(untiled["loss"])
         assert budget["predicted_bytes"] > 0
+
+
+def test_a_budget_above_checkpoints_peak_must_be_faster_than_checkpoint(bench):
+    # budget100 may use more memory than checkpointing (its budget is the un-tiled peak), but then it must
+    # not be slower; budget40 below checkpoint's peak keeps the memory-and-time comparison
+    runs = {"untiled": run("untiled", 10.0, 6.0),
+            "checkpoint": run("checkpoint", 11.0, 4.8),
+            "budget40": run("budget40", 10.5, 2.3, budget_bytes=int(2.4 * GIB)),
+            "budget100": run("budget100", 11.2, 5.9, budget_bytes=int(6.0 * GIB))}
+    targets = dict(bench.compare_targets(ratios(runs)))
+    slower = [t for t in targets if t.startswith("budget100: budget") and "no more time than checkpoint" in t]
+    assert len(slower) == 1 and targets[slower[0]] is False
+    assert not any(t.startswith("budget100: less memory than checkpoint") for t in targets)
+    assert any(t.startswith("budget40: less memory than checkpoint") and ok for t, ok in targets.items())
+    runs["budget100"]["step_s"] = 10.9
+    assert dict(bench.compare_targets(ratios(runs)))[slower[0].replace("11.20", "10.90")] is True
