@@ -26,7 +26,7 @@ def bench():
 
 
 def run(mode, step_s, peak_gib, **extra):
-    return {"mode": mode, "step_s": step_s, "peak_bytes": int(peak_gib * GIB), "setup_s": 0.01, "loss": 0.5,
+    return {"mode": mode, "step_s": step_s, "peak_bytes": int(peak_gib * GIB), "setup_s": 0.01, "loss": 0.5, "losses": [0.6, 0.5],
             "device": "cpu", "tile": 256, **extra}
 
 
