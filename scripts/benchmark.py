@@ -36,7 +36,8 @@ before the first step (measured after setup, ``gc.collect()`` and ``malloc_trim(
 mark is reset through ``/proc/self/clear_refs`` so that setup, e.g. lightstream's full-tile statistics
 pass, does not count); the peak covers every step, the first (untimed) one included; no warm-up run.
 Every worker runs with ``MALLOC_MMAP_THRESHOLD_=262144`` (glibc), the threshold timm_stream's engine fixes
-when it streams on the CPU, so that heap fragmentation counts the same in every mode.
+when it streams on the CPU, so that heap fragmentation counts the same in every mode (``--malloc-default``:
+glibc's default in the workers; then the un-tiled modes keep freed mid-sized blocks resident).
 On CUDA: ``max_memory_allocated`` beyond ``memory_allocated`` before the first step. Time: the last of
 ``--steps`` steps (default 2). The timm_stream modes also print the planner's prediction
 (``plan.peak_memory``, ``plan.relative_time``; un-tiled: ``plan.untiled_memory``) next to the measurement.
@@ -418,14 +419,14 @@ def run_configs(names: list[str], configs: dict, args) -> dict:
 
 
 def measure_mode(mode: str, image: int, tile: int, steps: int, threads: int, device: str,
-                 budget: int | None) -> dict:
+                 budget: int | None, env: dict | None = None) -> dict:
     where = f"budget {budget / GIB:.3f} GiB" if budget is not None else f"tile {tile}"
     print(f"  running {mode:11s} image {image}  {where}  steps {steps} ...", flush=True)
     cmd = ["--mode-worker", mode, "--image", str(image), "--tile", str(tile), "--steps", str(steps),
            "--threads", str(threads), "--device", device]
     if budget is not None:
         cmd += ["--budget", str(budget)]
-    return _spawn(cmd, mode, COMPARE_ENV) or {"mode": mode, "failed": True}
+    return _spawn(cmd, mode, env) or {"mode": mode, "failed": True}
 
 
 def _gib(value) -> str:
@@ -439,7 +440,9 @@ def run_compare(args) -> dict:
     steps = args.steps or 2
     modes = [m for m in MODES if m in args.modes.split(",")]  # fixed order: un-tiled first (budgets need it)
     print(f"mode comparison: image {image}x{image}, tile {tile} (default and lightstream), {steps} steps, "
-          f"{args.threads} threads, {args.device}")
+          f"{args.threads} threads, {args.device}, glibc mmap threshold "
+          + ("glibc's default (the engine fixes it in its own runs)" if getattr(args, "malloc_default", False)
+             else f"{COMPARE_ENV['MALLOC_MMAP_THRESHOLD_']} bytes in every mode"))
     runs: dict[str, dict] = {}
     for mode in modes:
         budget = None
@@ -456,7 +459,8 @@ def run_compare(args) -> dict:
                 runs[mode] = {"mode": mode, "skipped": note}
                 continue
             budget = int(BUDGET_FRACTIONS[mode] * untiled["peak_bytes"])
-        runs[mode] = measure_mode(mode, image, tile, steps, args.threads, args.device, budget)
+        runs[mode] = measure_mode(mode, image, tile, steps, args.threads, args.device, budget,
+                                  None if getattr(args, "malloc_default", False) else COMPARE_ENV)
     ref = runs.get("untiled", {})
     done = {m: r for m, r in runs.items() if "step_s" in r}
     for r in done.values():
@@ -667,6 +671,9 @@ def main() -> None:
                    f"--small: {COMPARE_SMALL[0]})")
     p.add_argument("--compare-tile", type=int, help=f"tile of default and lightstream (default {COMPARE[1]}; "
                    f"--small: {COMPARE_SMALL[1]})")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="--compare: leave glibc's dynamic mmap threshold in the workers (the engine still fixes "
+                        "it when it streams); default: fixed at 256 KiB in every mode")
     p.add_argument("--plot-modes", help="with --compare (implied): write step time vs peak memory to this PNG")
     p.add_argument("--worker", choices=["untiled", "streamed"], help=argparse.SUPPRESS)
     p.add_argument("--mode-worker", choices=MODES, help=argparse.SUPPRESS)

@@ -85,8 +85,11 @@ def args_for(bench, tmp_path, modes, plot=True):
 def test_budgets_are_fractions_of_the_measured_untiled_peak(bench, tmp_path, monkeypatch):
     calls = []
 
-    def fake_measure(mode, image, tile, steps, threads, device, budget):
+    envs = []
+
+    def fake_measure(mode, image, tile, steps, threads, device, budget, env=None):
         calls.append((mode, budget))
+        envs.append(env)
         peak = {"untiled": 3.0, "checkpoint": 2.5}.get(mode, 1.0)
         return run(mode, 1.0, peak, budget_bytes=budget, image=image)
 
@@ -98,6 +101,8 @@ def test_budgets_are_fractions_of_the_measured_untiled_peak(bench, tmp_path, mon
     assert dict(calls)["budget40"] == int(0.4 * 3.0 * GIB)
     assert dict(calls)["budget100"] == int(3.0 * GIB)
     assert "not installed" in result["runs"]["lightstream"]["skipped"]
+    # every worker gets the allocator setting the engine uses, unless --malloc-default
+    assert envs == [bench.COMPARE_ENV] * 4 and bench.COMPARE_ENV["MALLOC_MMAP_THRESHOLD_"] == str(256 * 2 ** 10)
     assert (result["image"], result["tile"]) == bench.COMPARE_SMALL
     png = tmp_path / "modes.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
