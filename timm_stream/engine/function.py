@@ -90,13 +90,13 @@ _mmap_threshold_fixed = False
 
 
 def use_fixed_mmap_threshold() -> None:
-    """Fix glibc's mmap threshold at 4 MiB (once per process; a no-op elsewhere than glibc).
+    """Fix glibc's mmap threshold at 256 KiB (once per process; a no-op elsewhere than glibc).
 
     glibc raises the threshold to the size of each mmapped block freed (up to 32 MiB), after which
     activations of that size come from the heap, which fragments and stays resident: a CPU step then
     holds ~0.3 GiB more than its live tensors, so resident memory could not be predicted or kept within a
-    memory budget. With the threshold fixed, every block of 4 MiB or more is mapped on allocation and
-    returned on free (measured: no change in step time; peak RSS within 2% of the live bytes)."""
+    memory budget. With the threshold fixed, every block of 256 KiB or more is mapped on allocation and
+    returned on free (peak RSS then within a few percent of the live bytes, tests/test_budget.py)."""
     global _mmap_threshold_fixed
     if _mmap_threshold_fixed or not sys.platform.startswith("linux"):
         return
