@@ -158,10 +158,15 @@ def describe_plan(model: nn.Module, plan, args: argparse.Namespace) -> str:
         lines.append(f"un-tiled, the streamed part would need {format_bytes(plan.untiled_memory)}: {verdict} "
                      f"in the budget of {format_bytes(budget)}")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    lines.append(f"not counted above: the weights ({format_bytes(params)} in this precision) with their "
-                 "gradients and optimizer states, the input image"
-                 + (" (read tile by tile)" if args.lazy else "")
-                 + (", and the activations of the un-streamed stages" if model.stream_stages < _local(model) else ""))
+    dtype = PRECISION_DTYPES[args.precision]
+    image = args.batch * model.streamer.in_channels * h * w * dtype.itemsize
+    lines.append(f"not counted above: the weights ({format_bytes(params)} in this precision) with their gradients "
+                 "and optimizer states, the input image ("
+                 + ("lazy: read tile by tile" if args.lazy else
+                    f"{format_bytes(image)} as a {str(dtype).replace('torch.', '')} tensor, "
+                    f"{format_bytes(image // dtype.itemsize)} as uint8 with normalize_input; --lazy for whole "
+                    "slides read tile by tile")
+                 + ")" + (", the activations of the un-streamed stages" if model.stream_stages < _local(model) else ""))
     return "\n".join(lines)
 
 
