@@ -147,7 +147,7 @@ def test_cli_without_budget_plans_at_the_tile_size_and_prints_the_peak(capsys):
     code, out, err = run_cli(capsys, "stream_test_resnet", "--image-size", "2048", "--tile-size", "512")
     assert code == 0, err
     plan = timm.create_model("stream_test_resnet", tile_size=512).stream_plan((2048, 2048))
-    assert plan.pieces[0].largest_tile == (512, 512) and plan.num_tiles > 1
+    assert max(plan.pieces[0].largest_tile) <= 512 and plan.num_tiles > 1
     assert str(plan) in out
     assert "predicted peak memory of the streamed part" in out and "no --memory-budget given" in out
 

@@ -136,6 +136,12 @@ def stream_cuts(model: nn.Module, split: TrunkSplit, stream_stages: int, out_ind
     return tuple(sorted({_inside_streamed(name, steps) for name in wanted.values()}, key=steps.index))
 
 
+def _budget_of(main: StreamingCNN) -> dict:
+    """``memory_budget=`` of the model's streamer, for the streamers made from it (none: no argument)."""
+    budget = getattr(main, "memory_budget", None)
+    return {} if budget is None else {"memory_budget": budget}
+
+
 def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[StreamingCNN, dict[int, str]]:
     """The engine that stitches the maps of the features ``take_indices`` (and the last streamed step,
     whose map the tail reads); cached per set of cuts. Returns it and feature index -> step name.
@@ -158,7 +164,8 @@ def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[St
     if streamer is None:
         main: StreamingCNN = model._streamer
         streamer = StreamingCNN(steps, main.tile_size, preprocess=main.preprocess, in_channels=main.in_channels,
-                                progress=main.progress, keep_last_tile=main.keep_last_tile, outputs=cuts)
+                                progress=main.progress, keep_last_tile=main.keep_last_tile, outputs=cuts,
+                                **_budget_of(main))
         if len(cache) > 16:
             cache.clear()
         cache[key] = streamer
@@ -298,7 +305,8 @@ def restream(model: nn.Module) -> None:
 
     streamer = StreamingCNN(streamed, main.tile_size, preprocess=main.preprocess, in_channels=main.in_channels,
                             progress=main.progress, keep_last_tile=main.keep_last_tile,
-                            outputs=[n for n in main.outputs if n in names], resolve=SubmoduleOf(model))
+                            outputs=[n for n in main.outputs if n in names], resolve=SubmoduleOf(model),
+                            **_budget_of(main))
     streamer.streaming = main.streaming
     object.__setattr__(model, "_split", split)
     object.__setattr__(model, "_streamer", streamer)
@@ -338,13 +346,16 @@ class StreamFeatureNet(FeatureGetterNet):
     def tile_size(self) -> tuple[int, int]:
         return self.model.tile_size
 
-    def stream_plan(self, input_size: Sequence[int]):
-        """Tiles per piece and each stitched map's size (C x H x W, MiB per image) for an image of
-        ``input_size`` (H, W). Pieces end at every requested feature of the streamed part and where
-        ``stitch="auto"`` cuts; every map listed is kept from forward to backward, plus its gradient."""
+    def stream_plan(self, input_size: Sequence[int], lazy: bool = False, *, batch: int = 1,
+                    dtype: torch.dtype | None = None):
+        """Tiles per piece and each stitched map's size (C x H x W, MiB per image) for ``batch`` images of
+        ``input_size`` (H, W), with the predicted peak memory (bytes) and time relative to un-tiled (see
+        :meth:`StreamingModelMixin.stream_plan`). Pieces end at every requested feature of the streamed part
+        and where ``stitch="auto"`` cuts; every map listed is kept from forward to backward, plus its
+        gradient. Raises ``MemoryBudgetError`` when the model's ``memory_budget`` is too small."""
         take, _ = feature_take_indices(len(self.model.feature_info), list(self.out_indices))
         streamer, _ = features_streamer(self.model, take)
-        return streamer.plan(input_size)
+        return streamer.plan(input_size, dtype, lazy=lazy, batch=batch)
 
     @property
     def streamer(self) -> StreamingCNN:
