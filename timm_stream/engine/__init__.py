@@ -1,7 +1,8 @@
 """The streaming engine: pure torch, no timm. See :class:`StreamingCNN`."""
-from .errors import NonLocalModuleError, StreamingError, TileTooSmallError, TraceError
+from .errors import MemoryBudgetError, NonLocalModuleError, StreamingError, TileTooSmallError, TraceError
 from .geometry import AxisGeometry, AxisTile, PerAxisGeometry, plan_axis
 from .lazy import is_lazy_image
+from .memory import format_bytes, parse_memory
 from .plan import Tile, TilePlan, make_plan, normalize_tile_size
 from .reducers import (AttentionReducer, AvgMaxReducer, AvgReducer, CatAvgMaxReducer, MaxReducer, Reducer,
                        REDUCER_NAMES, make_reducer)
@@ -13,5 +14,6 @@ __all__ = [
     "make_plan", "normalize_tile_size", "PerAxisGeometry", "Trace", "trace", "freeze_norm_layers", "is_norm_layer",
     "is_lazy_image", "final_mask", "Reducer", "AvgReducer", "MaxReducer", "AvgMaxReducer", "CatAvgMaxReducer",
     "AttentionReducer", "REDUCER_NAMES", "make_reducer",
-    "StreamingError", "NonLocalModuleError", "TileTooSmallError", "TraceError",
+    "StreamingError", "NonLocalModuleError", "TileTooSmallError", "TraceError", "MemoryBudgetError",
+    "parse_memory", "format_bytes",
 ]

@@ -1,7 +1,7 @@
 """Errors raised by the streaming engine. Each names the problem and what to do about it."""
 from __future__ import annotations
 
-__all__ = ["StreamingError", "NonLocalModuleError", "TileTooSmallError", "TraceError"]
+__all__ = ["StreamingError", "NonLocalModuleError", "TileTooSmallError", "TraceError", "MemoryBudgetError"]
 
 
 class StreamingError(ValueError):
@@ -35,3 +35,12 @@ class NonLocalModuleError(StreamingError):
         if fix:
             message += f". {fix}"
         super().__init__(message)
+
+
+class MemoryBudgetError(StreamingError):
+    """No tiling of this input fits the memory budget. ``minimum``: the smallest budget that works for
+    this input (bytes), named in the message."""
+
+    def __init__(self, message: str, minimum: int | None = None):
+        super().__init__(message)
+        self.minimum = minimum

@@ -6,9 +6,10 @@ slice of the output gradient through it.
 
 Invariants (see :mod:`.geometry` for why they make the result exact):
 
-* Forward keeps no activations except, optionally, the graph of the *last* tile, which backward
-  consumes first (that tile is then never recomputed). Peak memory is about one tile's activations
-  plus the stitched output and its gradient.
+* Forward keeps no activations except the graphs of the last ``keep_tiles`` tiles, which backward
+  consumes first, in reverse (those tiles are never recomputed). Peak memory is about one tile's
+  activations plus the kept graphs, the stitched output and its gradient (the cost model of
+  :mod:`.budget`).
 * Each tile's graph is freed right after its backward. The gradients of all tiles are summed inside
   backward and returned once: every parameter (and the input) receives exactly one gradient per
   backward, so ``AccumulateGrad`` hooks (DistributedDataParallel, gradient accumulation) fire once.
@@ -80,6 +81,28 @@ def _load_malloc_trim() -> Callable[[], None]:
 # in the process as if they were live; handing them back between tiles keeps peak memory at one tile.
 _release_host_memory = _load_malloc_trim()
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_MMAP_THRESHOLD_BYTES = 256 * 2**10
+_mmap_threshold_fixed = False
+
+
+def use_fixed_mmap_threshold() -> None:
+    """Fix glibc's mmap threshold at 4 MiB (once per process; a no-op elsewhere than glibc).
+
+    glibc raises the threshold to the size of each mmapped block freed (up to 32 MiB), after which
+    activations of that size come from the heap, which fragments and stays resident: a CPU step then
+    holds ~0.3 GiB more than its live tensors, so resident memory could not be predicted or kept within a
+    memory budget. With the threshold fixed, every block of 4 MiB or more is mapped on allocation and
+    returned on free (measured: no change in step time; peak RSS within 2% of the live bytes)."""
+    global _mmap_threshold_fixed
+    if _mmap_threshold_fixed or not sys.platform.startswith("linux"):
+        return
+    _mmap_threshold_fixed = True
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
 
 def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
     if not enabled or len(items) < 2:
@@ -110,7 +133,10 @@ class StitchSink:
 
     def outputs(self) -> tuple[Tensor, ...]:
         assert self.out is not None
-        return (self.out,)
+        # handed over, not kept: the runner lives as long as the autograd graph, and the map must be
+        # freed as soon as the next piece's backward no longer needs it
+        out, self.out = self.out, None
+        return (out,)
 
     def backward_pair(self, y: Tensor, tile: Tile, grads: Sequence[Tensor]):
         rows, cols = tile.output_region
@@ -164,13 +190,14 @@ class TileRunner:
     and the backward recomputation.
 
     ``params`` are the trainable parameters the module (and the sink's reducer) use; the Function
-    returns their gradients. ``watched``: ``(path, tensor)`` of every parameter and buffer the tiles are
+    returns their gradients. ``keep_tiles``: how many tiles (the last ones) keep their graphs from
+    forward to backward instead of being recomputed. ``watched``: ``(path, tensor)`` of every parameter and buffer the tiles are
     recomputed from; the Function refuses a backward after any of them was changed in place since forward.
     """
 
     def __init__(self, module: nn.Module, plan: TilePlan, params: Sequence[Tensor], device: torch.device,
                  preprocess: Callable[[Tensor], Tensor] | None = None, progress: bool = False,
-                 keep_last_tile: bool = True, sink: StitchSink | ReduceSink | None = None,
+                 keep_tiles: int = 1, sink: StitchSink | ReduceSink | None = None,
                  watched: Sequence[tuple[str, Tensor]] = ()):
         self.module = module
         self.plan = plan
@@ -180,7 +207,7 @@ class TileRunner:
         self.device = device
         self.preprocess = preprocess
         self.progress = progress
-        self.keep_last_tile = keep_last_tile
+        self.keep_tiles = int(keep_tiles)
         self.watched = list(watched)
 
     def _load(self, region: Tensor, requires_grad: bool) -> tuple[Tensor, Tensor]:
@@ -202,37 +229,37 @@ class TileRunner:
     def _regions(self, x, indices: Sequence[int]):
         return prefetch_regions(x, [self.tiles[i].input_region for i in indices])
 
-    def forward(self, x, keep_last: bool) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor] | None]:
-        """The sink's outputs; with ``keep_last`` (grad mode is then enabled for that tile only) also
-        the last tile's (raw input leaf, output) with its graph."""
-        kept = None
-        last = len(self.tiles) - 1
+    def forward(self, x, keep: bool) -> tuple[tuple[Tensor, ...], dict[int, tuple[Tensor, Tensor]]]:
+        """The sink's outputs; with ``keep`` (grad mode is then enabled for those tiles only) also the
+        (raw input leaf, output) with its graph of each of the last ``keep_tiles`` tiles, by index."""
+        kept: dict[int, tuple[Tensor, Tensor]] = {}
+        first_kept = len(self.tiles) - (self.keep_tiles if keep else 0)
         indices = list(range(len(self.tiles)))
         regions = self._regions(x, indices)
         for index in _progress(indices, self.progress, "streaming forward"):
             tile = self.tiles[index]
-            keep = keep_last and self.keep_last_tile and index == last
+            keep_this = index >= first_kept
             region = next(regions)
-            with torch.enable_grad() if keep else torch.no_grad():
-                raw, y = self._run(region, tile, requires_grad=keep and _requires_grad(x))
+            with torch.enable_grad() if keep_this else torch.no_grad():
+                raw, y = self._run(region, tile, requires_grad=keep_this and _requires_grad(x))
             del region
             with torch.no_grad():
                 self.sink.add(y.detach(), tile)
-            if keep:
-                kept = (raw, y)
+            if keep_this:
+                kept[index] = (raw, y)
+            del raw, y
         return self.sink.outputs(), kept
 
-    def backward(self, x, grad_outputs: Sequence[Tensor], kept: tuple[Tensor, Tensor] | None,
+    def backward(self, x, grad_outputs: Sequence[Tensor], kept: dict[int, tuple[Tensor, Tensor]],
                  input_grad: bool, autocast: AutocastState) -> tuple[Tensor | None, list[Tensor | None]]:
         grad_x = torch.zeros_like(x) if input_grad else None
         grads: list[Tensor | None] = [None] * len(self.params)
-        order = list(range(len(self.tiles)))[::-1]  # the kept (last) tile first, to free it early
-        recomputed = order[1:] if kept is not None else order
-        regions = self._regions(x, recomputed)
+        order = list(range(len(self.tiles)))[::-1]  # the kept (last) tiles first, to free them early
+        regions = self._regions(x, [i for i in order if i not in kept])
         for index in _progress(order, self.progress, "streaming backward"):
             tile = self.tiles[index]
-            if kept is not None and index == order[0]:
-                (raw, y), kept = kept, None
+            if index in kept:
+                raw, y = kept.pop(index)
                 with torch.enable_grad(), autocast():
                     outputs, out_grads = self.sink.backward_pair(y, tile, grad_outputs)
             else:
@@ -267,7 +294,7 @@ class StreamFunction(torch.autograd.Function):
     def forward(ctx, runner: TileRunner, x, *params: Tensor):
         ctx.runner = runner
         ctx.autocast = AutocastState.capture(runner.device.type)
-        outputs, ctx.kept = runner.forward(x, keep_last=True)
+        outputs, ctx.kept = runner.forward(x, keep=True)
         # Backward recomputes every tile from these tensors: remember their version counters (what
         # autograd does for the tensors it saves) to refuse gradients of a function never evaluated.
         ctx.versions = [(name, t, t._version) for name, t in runner.watched]
@@ -307,7 +334,7 @@ class StreamFunction(torch.autograd.Function):
                     f"and backward (optimizer.step(), in-place updates, loading weights) would give the "
                     f"gradient of a function that was never evaluated: run the forward again after the change")
         x = ctx.saved_tensors[0] if ctx.plain_input is None else ctx.plain_input
-        kept, ctx.kept = ctx.kept, None
+        kept, ctx.kept = ctx.kept, {}
         input_grad = ctx.needs_input_grad[1] and isinstance(x, Tensor)
         grad_x, grads = ctx.runner.backward(x, grad_outputs, kept, input_grad, ctx.autocast)
         return (None, grad_x, *grads)

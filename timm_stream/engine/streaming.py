@@ -20,8 +20,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import StreamingError, TileTooSmallError, TraceError
-from .function import ReduceSink, StreamFunction, TileRunner
+from .budget import PieceCost, allocate_kept, peak_memory, step_flops
+from .errors import MemoryBudgetError, StreamingError, TileTooSmallError, TraceError
+from .function import ReduceSink, StreamFunction, TileRunner, use_fixed_mmap_threshold
+from .memory import LinearCost, StepCost, format_bytes, parse_memory, simulate_step
 from .geometry import AxisGeometry, PerAxisGeometry, lcm
 from .lazy import is_lazy_image, read_whole
 from .plan import TilePlan, make_plan, normalize_tile_size
@@ -130,6 +132,25 @@ class StreamPlan(PerAxisGeometry):
     maps: tuple[tuple[int, ...], ...] = ()
     map_bytes: tuple[int, ...] = ()
     note: str = ""  # why these pieces (streamed pooling / lazy input), shown by str()
+    # which children each piece runs ([start, stop) indices), and tile graphs kept from forward to
+    # backward per piece (the last ones in forward order; a single-tile piece runs plainly and keeps its one)
+    bounds: tuple[tuple[int, int], ...] = ()
+    kept: tuple[int, ...] = ()
+    # The cost model's predictions (None when not estimated), see timm_stream.engine.budget. peak_memory:
+    # bytes one forward + backward of the streamed part allocates beyond what was allocated before (the
+    # weights and the input not counted); relative_time: its time over the un-tiled run's (FLOPs);
+    # untiled_memory: the same peak for the un-tiled run; memory_budget: the budget planned for (bytes).
+    peak_memory: int | None = None
+    relative_time: float | None = None
+    untiled_memory: int | None = None
+    memory_budget: int | None = None
+    batch: int = 1
+
+    @property
+    def fits_untiled(self) -> bool:
+        """Whether the un-tiled run is predicted to fit in the memory budget (False without one)."""
+        return (self.memory_budget is not None and self.untiled_memory is not None
+                and self.untiled_memory <= self.memory_budget)
 
     @property
     def stitched_bytes(self) -> int:
@@ -177,9 +198,34 @@ class StreamPlan(PerAxisGeometry):
         if len(self.map_bytes) > 1:
             lines.append(f"  stitched maps between pieces: {self.stitched_bytes / 2**20:.1f} MiB per image, "
                          "kept from forward to backward (plus a gradient of the same size in backward)")
+        if any(k for k, p in zip(self.kept, self.pieces) if p.num_tiles > 1):
+            lines.append("  tile graphs kept from forward to backward (not recomputed): "
+                         + ", ".join(f"{k} of {p.num_tiles}" for k, p in zip(self.kept, self.pieces)))
+        if self.peak_memory is not None:
+            line = (f"  predicted for batch {self.batch}: peak memory {format_bytes(self.peak_memory)}, time "
+                    f"{self.relative_time:.2f}x the un-tiled run (which needs {format_bytes(self.untiled_memory)})")
+            if self.memory_budget is not None:
+                line += (f"; budget {format_bytes(self.memory_budget)}, un-tiled "
+                         + ("fits" if self.fits_untiled else "does not fit"))
+            lines.append(line)
         if self.note:
             lines.append(f"  {self.note}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a plan is for: input size (pixels), dtype and channels, lazy or tensor, pooled, batch, and
+    whether the input needs a gradient."""
+
+    height: int
+    width: int
+    dtype: torch.dtype
+    channels: int
+    lazy: bool
+    pooled: bool
+    batch: int
+    input_grad: bool
 
 
 class _Piece:
@@ -202,7 +248,18 @@ class StreamingCNN(nn.Module):
             channel concatenation...); anything else is refused at construction with an error naming
             the module.
         tile_size: largest tile, in input pixels: int or (height, width). Later pieces (see
-            ``stitch``) get tiles of the same activation memory.
+            ``stitch``) get tiles of the same activation memory. Optional with ``memory_budget``, where
+            it caps the tiles the planner may choose.
+        memory_budget: bytes (int, float, or a string such as ``"6GiB"``, ``"512 MiB"``, ``"20GB"``)
+            that one forward + backward of this module may allocate beyond what was allocated before
+            the call (activations, kept tile graphs, stitched maps and their gradients, parameter
+            gradients; not the weights or the input), on the module's device (on the CPU: resident
+            memory). For each input size the planner then picks, from a shape-only simulation
+            (:mod:`.memory`, :mod:`.budget`), the pieces, the tile size and how many tile graphs to
+            keep from forward to backward (those tiles are not recomputed) that take the least time
+            within the budget: a budget that holds the un-tiled run runs un-tiled. ``plan(size)``
+            shows the choice with ``peak_memory`` and ``relative_time``; a budget too small for any
+            tiling raises :class:`MemoryBudgetError` naming the smallest that works.
         preprocess: applied to each tile on the module's device before the module (e.g. uint8 to
             normalized float), so that a huge input never has to be converted as a whole.
         in_channels: channels of the input (default: those of the first ``Conv2d``).
@@ -215,8 +272,8 @@ class StreamingCNN(nn.Module):
             features): each ends a piece whatever ``stitch`` says. A child not named here is stitched
             only where ``stitch`` puts a cut. Each such map costs its size (plus its gradient in
             backward); ``plan(size)`` lists them.
-        keep_last_tile: keep the last tile's graph from forward to backward instead of recomputing it
-            (final piece only, so that memory stays about one tile).
+        keep_last_tile: without ``memory_budget``, keep the last tile's graph from forward to backward
+            instead of recomputing it (final piece only, so that memory stays about one tile).
         resolve: maps a part's name to the module that runs it *now* (e.g. ``owner.get_submodule`` of
             the model that owns named parts). Without it the parts are looked up in ``self.module``.
             Either way every call runs the modules in the tree at that moment: replacing a part
@@ -239,12 +296,17 @@ class StreamingCNN(nn.Module):
     ``train()`` says. ``plan(size)`` shows the tiling for an input size before anything runs.
     """
 
-    def __init__(self, module: nn.Module | Sequence[tuple[str, nn.Module]], tile_size: int | Sequence[int], *,
+    def __init__(self, module: nn.Module | Sequence[tuple[str, nn.Module]],
+                 tile_size: int | Sequence[int] | None = None, *,
                  preprocess: Callable[[Tensor], Tensor] | None = None, in_channels: int | None = None,
                  stitch: str | Sequence[str] = "auto", progress: bool = False, keep_last_tile: bool = True,
                  resolve: Callable[[str], nn.Module] | None = None, outputs: Sequence[str] = (),
-                 pool: Reducer | str | None = None):
+                 pool: Reducer | str | None = None, memory_budget: int | float | str | None = None):
         super().__init__()
+        if tile_size is None and memory_budget is None:
+            raise ValueError("StreamingCNN needs tile_size= (the largest tile, in input pixels) or memory_budget= "
+                             "(bytes, e.g. '6GiB': the tile is then chosen per input size)")
+        self.memory_budget = None if memory_budget is None else parse_memory(memory_budget)
         # How the parts are found at each call (see _current_children): by name through `resolve`, by
         # position in self.module ("parts"), as self.module's children ("sequential"), or self.module.
         self._resolve = resolve
@@ -261,7 +323,7 @@ class StreamingCNN(nn.Module):
         self._names = [name for name, _ in self._children]
         self._stitch = stitch
         self.module = module
-        self.tile_size = normalize_tile_size(tile_size)
+        self.tile_size = None if tile_size is None else normalize_tile_size(tile_size)
         self.preprocess = preprocess
         self.in_channels = in_channels if in_channels is not None else _infer_in_channels(module)
         if self.in_channels is None:
@@ -272,6 +334,8 @@ class StreamingCNN(nn.Module):
         self.streaming = True
         self.pool = make_reducer(pool) if isinstance(pool, str) else pool
         self._chains: dict[tuple, list[Trace]] = {}
+        self._plans: dict[tuple, StreamPlan] = {}
+        self._costs: dict[tuple, LinearCost] = {}
         self._fingerprint: tuple | None = None
         self._sync()
 
@@ -298,7 +362,7 @@ class StreamingCNN(nn.Module):
         if self._resolve is not None and any(a is not b for (_, a), b in zip(children, self.module)):
             self.module = nn.Sequential(*[child for _, child in children])
         self._children = children
-        self._chains = {}
+        self._chains, self._plans, self._costs = {}, {}, {}
         freeze_norm_layers(self.module)
         self._derive_geometry()
         self._make_pieces(self._stitch, self.outputs)
@@ -308,7 +372,7 @@ class StreamingCNN(nn.Module):
         # Pickles (ddp_spawn, torch.save(model)) carry modules and settings, not traces: the geometry is
         # re-derived from the unpickled modules at the first call.
         state = dict(self.__dict__)
-        state.update(_chains={}, _reference=None, _fingerprint=None)
+        state.update(_chains={}, _plans={}, _costs={}, _reference=None, _fingerprint=None)
         return state
 
     def __prepare_scriptable__(self):
@@ -388,15 +452,19 @@ class StreamingCNN(nn.Module):
                 bounds.append((start, i + 1))
                 start = i + 1
         self._pieces, self._bounds, self._piece_geometry = self._pieces_for(bounds)
+        self._layouts = {tuple(self._bounds): (self._pieces, self._bounds, self._piece_geometry)}
         # One piece for inputs whose stitched intermediate maps would be the only thing growing with the
-        # image (a lazy image under streamed pooling), when the tile holds the whole receptive field.
-        self._one_piece = None
+        # image (a lazy image under streamed pooling), when the tile holds the whole receptive field; the
+        # memory-budget planner weighs it against the stitched pieces.
+        self._one_piece = self._whole = None
         if stitch == "auto" and len(bounds) > 1 and not outputs:
-            layout = self._pieces_for([(0, len(ref))])
-            if all(self.tile_size[i] >= layout[2][0].min_tile_size[i] for i in range(2)):
-                self._one_piece = layout
+            self._whole = self._pieces_for([(0, len(ref))])
+            self._layouts[((0, len(ref)),)] = self._whole
+            if self.tile_size is None or all(self.tile_size[i] >= self._whole[2][0].min_tile_size[i]
+                                             for i in range(2)):
+                self._one_piece = self._whole
         first = self._piece_geometry[0]
-        if any(self.tile_size[i] < first.min_tile_size[i] for i in range(2)):
+        if self.tile_size is not None and any(self.tile_size[i] < first.min_tile_size[i] for i in range(2)):
             (mh, mw), (rh, rw) = first.min_tile_size, first.receptive_field
             raise TileTooSmallError(
                 f"tile_size {self.tile_size} is too small for this network: the receptive field of "
@@ -450,25 +518,49 @@ class StreamingCNN(nn.Module):
         return chain
 
     def plan(self, input_size: Sequence[int], dtype: torch.dtype | None = None,
-             channels: int | None = None, *, lazy: bool = False, pooled: bool | None = None) -> StreamPlan:
+             channels: int | None = None, *, lazy: bool = False, pooled: bool | None = None, batch: int = 1,
+             input_grad: bool = False) -> StreamPlan:
         """What streaming an input of ``input_size`` (H, W) does: tiles per piece, number of tiles,
-        overlap, output size, stride and halo. Runs nothing but a shape trace.
+        overlap, output size, stride and halo, kept tile graphs, and the cost model's predicted
+        ``peak_memory`` (bytes) and ``relative_time`` (over the un-tiled run) for ``batch`` images.
+        Runs nothing but shape-only (meta) traces and simulations; the image is never allocated.
 
         ``lazy``: plan for a lazy image input; ``pooled``: with streamed pooling (default: whether the
         module has a ``pool``). Together they choose one piece (memory flat in the image size, more halo
-        recomputation) over stitched pieces; ``note`` says which and why."""
-        height, width = int(input_size[0]), int(input_size[1])
+        recomputation) over stitched pieces; ``note`` says which and why. ``input_grad``: the input
+        needs a gradient (its bytes are then counted). Raises :class:`MemoryBudgetError` when the
+        module's ``memory_budget`` is too small for any tiling of this input."""
         self._sync()
         pooled = self.pool is not None if pooled is None else pooled
-        layout_pieces, bounds, geometries, note = self._choose_layout(pooled, lazy)
-        chain = self._chain_for(height, width, dtype or _module_dtype(self.module), channels or self.in_channels)
-        work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in bounds)
+        return self._plan(int(input_size[0]), int(input_size[1]), dtype or _module_dtype(self.module),
+                          channels or self.in_channels, lazy, pooled, int(batch), bool(input_grad), estimate=True)
+
+    def _plan(self, height: int, width: int, dtype: torch.dtype, channels: int, lazy: bool, pooled: bool,
+              batch: int, input_grad: bool, estimate: bool) -> StreamPlan:
+        estimate = estimate or self.memory_budget is not None
+        key = (height, width, dtype, channels, lazy, pooled, batch, input_grad, estimate, self._mode_key())
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        chain = self._chain_for(height, width, dtype, channels)
+        request = _Request(height, width, dtype, channels, lazy, pooled, batch, input_grad)
+        if self.memory_budget is None:
+            _, bounds, geometries, note = self._choose_layout(pooled, lazy)
+            plan = self._layout_plan(chain, bounds, geometries, note, self.tile_size, request, estimate)
+        else:
+            plan = self._budget_plan(chain, request)
+        if len(self._plans) > 64:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _tile_plans(self, chain: list[Trace], bounds, geometries, tile: tuple[int, int]) -> list[TilePlan]:
+        height, width = chain[0].input_shape[2:]
+        work = [float(sum(t.activation_elements for t in chain[a:b])) for a, b in bounds]
         pieces: list[TilePlan] = []
         for index, ((a, b), geometry) in enumerate(zip(bounds, geometries)):
             size_in, size_out = chain[a].input_shape[2:], chain[b - 1].output_shape[2:]
-            if index == 0:
-                tile = self.tile_size
-            else:
+            if index > 0:
                 # No more activation memory than the whole module would need on the first piece's
                 # largest tile: a small late map runs as one tile (nothing recomputed), a large one is
                 # tiled to stay within that budget.
@@ -477,13 +569,188 @@ class StreamingCNN(nn.Module):
                 density = work[index] / math.prod(size_in)
                 scale = math.sqrt(budget / (density * largest[0] * largest[1])) if density > 0 else float(max(size_in))
                 tile = tuple(max(int(largest[i] * scale), geometry.min_tile_size[i]) for i in range(2))
-            pieces.append(make_plan(size_in, size_out, tile, geometry.axes, geometry.align,
-                                    geometry.size_multiple))
+            pieces.append(make_plan(size_in, size_out, tile, geometry.axes, geometry.align, geometry.size_multiple))
+        return pieces
+
+    def _layout_plan(self, chain: list[Trace], bounds, geometries, note: str, tile, request: "_Request",
+                     estimate: bool, kept: Sequence[int] | None = None) -> StreamPlan:
+        """The plan of one layout (pieces) and first-piece tile; with ``estimate`` the cost model's
+        predictions. ``kept`` defaults to the ``keep_last_tile`` rule."""
+        tile = tile if tile is not None else tuple(chain[0].input_shape[2:])
+        pieces = self._tile_plans(chain, bounds, geometries, tile)
+        if kept is None:  # the last piece keeps its last tile; a single-tile piece runs plainly
+            kept = [1 if p.num_tiles == 1 else int(self.keep_last_tile and i == len(pieces) - 1)
+                    for i, p in enumerate(pieces)]
+        work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in bounds)
         maps = tuple(tuple(chain[b - 1].output_shape[1:]) for _, b in bounds)
         map_bytes = tuple(math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize
                           for _, b in bounds)
-        return StreamPlan((height, width), tuple(chain[-1].output_shape[2:]), self.geometry, tuple(pieces),
-                          tuple(p.label for p in layout_pieces), work, maps=maps, map_bytes=map_bytes, note=note)
+        names = tuple(p.label for p in self._layouts[tuple(bounds)][0])
+        costs: dict = {}
+        if estimate:
+            costs = self._estimate(chain, bounds, geometries, pieces, map_bytes, request, kept)
+        return StreamPlan((request.height, request.width), tuple(chain[-1].output_shape[2:]), self.geometry,
+                          tuple(pieces), names, work, maps=maps, map_bytes=map_bytes, note=note,
+                          bounds=tuple(tuple(b) for b in bounds), kept=tuple(kept), batch=request.batch,
+                          memory_budget=self.memory_budget, **costs)
+
+    # ------------------------------------------------------------------ the cost model
+    def _simulate(self, what: str, simulate: Callable[[], object]):
+        try:
+            return simulate()
+        except Exception as exc:  # a module that cannot run backward on meta tensors
+            raise StreamingError(
+                f"cannot predict the memory of {what} from a shape-only (meta) simulation: {exc}. Pass "
+                "tile_size= instead of memory_budget=") from exc
+
+    def _piece_cost(self, bounds, index: int, geometry: StreamGeometry, request: "_Request",
+                    chain: list[Trace]) -> LinearCost:
+        """Per-tile cost of piece ``index`` of the layout ``bounds``: two simulations, fitted linearly in
+        the tile's area (cached)."""
+        a, b = bounds[index]
+        first = index == 0
+        in_dtype = request.dtype if first else chain[a - 1].output_dtype
+        channels = request.channels if first else chain[a - 1].output_shape[1]
+        input_grad = request.input_grad if first else True
+        count_input = request.lazy and first  # a tile of a tensor on the module's device is a view
+        key = (a, b, in_dtype, channels, request.batch, input_grad, count_input, self._mode_key())
+        cost = self._costs.get(key)
+        if cost is None:
+            piece = self._layouts[tuple(bounds)][0][index]
+            preprocess = self.preprocess if first else None
+
+            def sample(size: int) -> tuple[tuple[int, int], StepCost]:
+                tile = tuple(-(-max(size, v) // m) * m for v, m in zip(geometry.min_tile_size, geometry.size_multiple))
+                def run(grad: bool) -> StepCost:
+                    return simulate_step(piece.module, (request.batch, channels) + tile, in_dtype,
+                                         preprocess=preprocess, input_grad=grad, count_input=count_input)
+
+                def run_any() -> StepCost:
+                    try:
+                        return run(input_grad)
+                    except RuntimeError:
+                        if not input_grad:
+                            raise
+                        # a piece that starts with an in-place op cannot take a leaf input that needs a
+                        # gradient; it then runs as one tile, where the input-gradient term does not apply
+                        return run(False)
+
+                return tile, self._simulate(f"'{piece.label}'", run_any)
+
+            # two regimes (see LinearCost): tiles near the smallest, and large tiles
+            low = max(geometry.min_tile_size)
+            cost = self._costs[key] = LinearCost.fit((sample(low), sample(2 * low)),
+                                                     (sample(max(4 * low, 1024)), sample(max(8 * low, 2048))))
+        return cost
+
+    def _untiled_cost(self, request: "_Request") -> StepCost:
+        key = ("untiled", request, self._mode_key())
+        cost = self._costs.get(key)
+        if cost is None:
+            whole = nn.Sequential(*[m for _, m in self._children])
+            cost = self._costs[key] = self._simulate("the un-tiled module", lambda: simulate_step(
+                whole, (request.batch, request.channels, request.height, request.width), request.dtype,
+                preprocess=self.preprocess, input_grad=request.input_grad, count_input=request.lazy))
+        return cost
+
+    def _piece_costs(self, chain, bounds, geometries, pieces: Sequence[TilePlan], map_bytes, request) -> list[PieceCost]:
+        costs = []
+        for index, (piece, geometry) in enumerate(zip(pieces, geometries)):
+            last = index == len(pieces) - 1
+            modules = self._layouts[tuple(bounds)][0][index].modules
+            params = [p for m in modules for p in m.parameters() if p.requires_grad]
+            if last and request.pooled and self.pool is not None:
+                params += [p for p in self.pool.parameters() if p.requires_grad]
+            if index > 0:
+                input_bytes = request.batch * map_bytes[index - 1]
+            elif request.input_grad:
+                input_bytes = request.batch * request.channels * request.height * request.width * request.dtype.itemsize
+            else:
+                input_bytes = 0
+            costs.append(PieceCost(
+                tile_areas=tuple(r.length * c.length for r in piece.rows for c in piece.cols),
+                largest_tile=piece.largest_tile,
+                cost=self._piece_cost(bounds, index, geometry, request, chain),
+                map_bytes=0 if last and request.pooled else request.batch * map_bytes[index],
+                input_map_bytes=input_bytes,
+                param_bytes=sum(p.numel() * p.element_size() for p in params)))
+        return costs
+
+    def _estimate(self, chain, bounds, geometries, pieces, map_bytes, request, kept) -> dict:
+        if self.memory_budget is None:  # predictions are informative only: a module the simulation
+            try:                        # cannot run still streams
+                return self._estimate_raising(chain, bounds, geometries, pieces, map_bytes, request, kept)
+            except StreamingError:
+                return {}
+        return self._estimate_raising(chain, bounds, geometries, pieces, map_bytes, request, kept)
+
+    def _estimate_raising(self, chain, bounds, geometries, pieces, map_bytes, request, kept) -> dict:
+        untiled = self._untiled_cost(request)
+        if all(p.num_tiles == 1 for p in pieces):  # every piece runs plainly: the un-tiled run
+            return dict(peak_memory=untiled.peak, relative_time=1.0, untiled_memory=untiled.peak)
+        costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
+        return dict(peak_memory=peak_memory(costs, kept), untiled_memory=untiled.peak,
+                    relative_time=step_flops(costs, kept) / max(3 * untiled.flops, 1))
+
+    def _candidate_tiles(self, geometry: StreamGeometry, height: int, width: int) -> list[tuple[int, int]]:
+        """First-piece tiles to weigh: from the smallest that works up to the whole image, 15% apart."""
+        low = geometry.min_tile_size
+        cap = self.tile_size or (height, width)
+        if any(cap[i] < low[i] for i in range(2)):
+            return []
+        step = max(geometry.align)
+        tiles, t = [], max(low)
+        while True:
+            tile = tuple(min(max(t, low[i]), cap[i], (height, width)[i]) for i in range(2))
+            if tile not in tiles:
+                tiles.append(tile)
+            if t >= max(height, width):
+                return tiles
+            t = min(max(-(-int(t * 1.15) // step) * step, t + step), max(height, width))
+
+    def _budget_plan(self, chain: list[Trace], request: "_Request") -> StreamPlan:
+        """The plan that takes the least predicted time within ``memory_budget`` (see the class
+        docstring); ties go to less memory."""
+        budget = self.memory_budget
+        layouts = [self._choose_layout(request.pooled, request.lazy)[1:]]
+        if self._whole is not None and tuple(self._whole[1]) != tuple(layouts[0][0]):
+            layouts.append((self._whole[1], self._whole[2], "one piece: chosen by the memory-budget planner"))
+        untiled = self._untiled_cost(request)
+        best, smallest, seen = None, None, set()
+        for bounds, geometries, note in layouts:
+            for tile in self._candidate_tiles(geometries[0], request.height, request.width):
+                pieces = self._tile_plans(chain, bounds, geometries, tile)
+                grids = (tuple(map(tuple, bounds)), tuple(p.grid for p in pieces))
+                if grids in seen:
+                    continue
+                seen.add(grids)
+                map_bytes = [math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize
+                             for _, b in bounds]
+                if all(p.num_tiles == 1 for p in pieces):
+                    kept, peak, time = [1] * len(pieces), untiled.peak, 1.0
+                else:
+                    costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
+                    kept = allocate_kept(costs, budget)
+                    if kept is None:
+                        least = peak_memory(costs, [1 if p.num_tiles == 1 else 0 for p in pieces])
+                        smallest = least if smallest is None else min(smallest, least)
+                        continue
+                    peak, time = peak_memory(costs, kept), step_flops(costs, kept) / max(3 * untiled.flops, 1)
+                smallest = peak if smallest is None else min(smallest, peak)
+                if peak <= budget and (best is None or (round(time, 3), peak) < (round(best[0], 3), best[1])):
+                    best = (time, peak, bounds, geometries, note, tile, kept)
+        if best is None:
+            size = f"{request.height}x{request.width}"
+            if smallest is None:
+                raise MemoryBudgetError(
+                    f"no tiling of a {size} input is possible with tile_size {self.tile_size}: the tile is smaller "
+                    "than the receptive field needs; raise tile_size or drop it")
+            raise MemoryBudgetError(
+                f"memory_budget {format_bytes(budget)} is too small to stream a {size} input (batch "
+                f"{request.batch}): the smallest plan needs {format_bytes(smallest)} ({smallest} bytes). Raise "
+                f"memory_budget to at least that, or stream a smaller image or batch", minimum=smallest)
+        _, _, bounds, geometries, note, tile, kept = best
+        return self._layout_plan(chain, bounds, geometries, note, tile, request, True, kept)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "StreamingCNN":
@@ -556,9 +823,13 @@ class StreamingCNN(nn.Module):
             if pool is not None:
                 yield "pool", pool(x, final_mask(mask, x.shape[0], tuple(x.shape[-2:]), x.device))
             return
-        plan = self.plan(x.shape[-2:], x.dtype, x.shape[1], lazy=lazy, pooled=pool is not None)
-        pieces, _, _, _ = self._choose_layout(pool is not None, lazy)
         needs_grad = torch.is_grad_enabled()
+        input_grad = isinstance(x, Tensor) and x.requires_grad and needs_grad
+        plan = self._plan(int(x.shape[-2]), int(x.shape[-1]), x.dtype, int(x.shape[1]), lazy, pool is not None,
+                          int(x.shape[0]), input_grad, estimate=False)
+        pieces = self._layouts[plan.bounds][0]
+        if device.type == "cpu":
+            use_fixed_mmap_threshold()
         for index, (piece, piece_plan) in enumerate(zip(pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
             last = index == len(pieces) - 1
@@ -577,16 +848,16 @@ class StreamingCNN(nn.Module):
                 sink = ReduceSink(piece_plan, pool, m)
                 params += [p for p in pool.parameters() if p.requires_grad]
                 watched += [(f"pool.{n}", t) for n, t in pool.named_parameters()]
-            # Only the final piece keeps its last tile: nothing but the caller's head runs before its
-            # backward, so the kept graph never coexists with another piece's activations.
-            keep = self.keep_last_tile and last
-            runner = TileRunner(piece.module, piece_plan, params, device, preprocess, self.progress, keep, sink,
-                                watched=watched)
+            # Kept tile graphs: by default only the final piece's last tile (nothing but the caller's head
+            # runs before its backward, so it never coexists with another piece's activations); with a
+            # memory budget as many as the planner fitted in it.
+            runner = TileRunner(piece.module, piece_plan, params, device, preprocess, self.progress,
+                                plan.kept[index], sink, watched=watched)
             input_grad = isinstance(x, Tensor) and x.requires_grad
             if needs_grad and (input_grad or params):
                 out = StreamFunction.apply(runner, x, *params)
             else:
-                out = runner.forward(x, keep_last=False)[0]
+                out = runner.forward(x, keep=False)[0]
                 out = out[0] if len(out) == 1 else out
             if sink is not None:
                 stats = (out,) if isinstance(out, Tensor) else tuple(out)

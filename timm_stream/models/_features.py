@@ -136,12 +136,6 @@ def stream_cuts(model: nn.Module, split: TrunkSplit, stream_stages: int, out_ind
     return tuple(sorted({_inside_streamed(name, steps) for name in wanted.values()}, key=steps.index))
 
 
-def _budget_of(main: StreamingCNN) -> dict:
-    """``memory_budget=`` of the model's streamer, for the streamers made from it (none: no argument)."""
-    budget = getattr(main, "memory_budget", None)
-    return {} if budget is None else {"memory_budget": budget}
-
-
 def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[StreamingCNN, dict[int, str]]:
     """The engine that stitches the maps of the features ``take_indices`` (and the last streamed step,
     whose map the tail reads); cached per set of cuts. Returns it and feature index -> step name.
@@ -165,7 +159,7 @@ def features_streamer(model: nn.Module, take_indices: Sequence[int]) -> tuple[St
         main: StreamingCNN = model._streamer
         streamer = StreamingCNN(steps, main.tile_size, preprocess=main.preprocess, in_channels=main.in_channels,
                                 progress=main.progress, keep_last_tile=main.keep_last_tile, outputs=cuts,
-                                **_budget_of(main))
+                                memory_budget=main.memory_budget)
         if len(cache) > 16:
             cache.clear()
         cache[key] = streamer
@@ -304,9 +298,8 @@ def restream(model: nn.Module) -> None:
     from ._stream_model import SubmoduleOf  # (that module delegates to this one)
 
     streamer = StreamingCNN(streamed, main.tile_size, preprocess=main.preprocess, in_channels=main.in_channels,
-                            progress=main.progress, keep_last_tile=main.keep_last_tile,
-                            outputs=[n for n in main.outputs if n in names], resolve=SubmoduleOf(model),
-                            **_budget_of(main))
+                            progress=main.progress, keep_last_tile=main.keep_last_tile, memory_budget=main.memory_budget,
+                            outputs=[n for n in main.outputs if n in names], resolve=SubmoduleOf(model))
     streamer.streaming = main.streaming
     object.__setattr__(model, "_split", split)
     object.__setattr__(model, "_streamer", streamer)

@@ -281,9 +281,9 @@ def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile
         preprocess = _input_normalizer(model, split.streamed(stream_stages))
     # resolve: the streamed steps are looked up in the model's tree at each call (module replacement);
     # outputs: steps whose stitched maps are features (features_only): each ends a piece
-    options = dict(preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model), outputs=outputs)
-    if memory_budget is not None:  # the engine's planner then chooses tiles, pieces and kept graphs
-        options["memory_budget"] = memory_budget
+    # memory_budget: the engine's planner chooses tiles, pieces and kept tile graphs to fit it
+    options = dict(preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model), outputs=outputs,
+                   memory_budget=memory_budget)
     streamer, tail_streamed = None, stream_stages == len(split.stages) and not split.tail
     if stream_stages == len(split.stages) and split.tail and not outputs:
         # Everything streamed: the tail (ConvNeXt's norm_pre, EfficientNet's conv_head/bn2, ...) joins the

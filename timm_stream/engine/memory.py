@@ -1,0 +1,221 @@
+"""What a module allocates and computes on one input size, from shapes alone (nothing is allocated).
+
+Method: the module runs once, forward and backward, on torch's shape-only ``meta`` device through
+``torch.func.functional_call`` (its parameters and buffers replaced by meta stand-ins, so the module's own
+tensors are untouched) under two dispatch modes:
+
+* :class:`LiveBytes` follows every storage an operation creates until the last tensor using it is freed
+  (weak references to the storages, the method of ``torch.distributed._tools.mem_tracker``), so its
+  ``peak`` is the most bytes alive at once: what a caching or plain allocator must hold;
+* ``torch.utils.flop_counter.FlopCounterMode`` counts the forward FLOPs (convolutions and matmuls).
+
+The simulation sees what the operations allocate, not the allocator's own overhead: cuDNN workspaces on
+CUDA, and on the CPU the heap fragmentation that glibc's dynamic mmap threshold causes (the engine fixes
+that threshold, see ``function.py``). Measured against RSS on the CPU it agrees within a few percent.
+"""
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["parse_memory", "format_bytes", "LiveBytes", "StepCost", "simulate_step", "LinearCost"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(value: Any) -> int:
+    """Bytes from ``value``: an int or float number of bytes, or a string ``"<number> <unit>"`` with a
+    decimal (kB, MB, GB, TB: powers of 1000) or binary (KiB, MiB, GiB, TiB: powers of 1024) unit, case
+    and spaces ignored: ``"6GiB"``, ``"512 MiB"``, ``"20GB"``, ``"1.5e9"``. Raises ``ValueError`` for
+    anything else, or for a value that is not positive."""
+    number = None
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(2).lower() in _UNITS:
+            number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes or a string such as '6GiB', "
+                         f"'512 MiB' or '20GB', got {value!r}")
+    return int(number)
+
+
+def format_bytes(n: int | float) -> str:
+    """``n`` bytes in binary units, e.g. ``'1.50 GiB'``."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+class LiveBytes(TorchDispatchMode):
+    """Dispatch mode that counts the bytes of the storages created by operations run under it while they
+    are alive (``live``) and their maximum (``peak``). Tensors created before the mode (parameters,
+    the caller's inputs) are not counted; views share their storage's count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[int, weakref.ref] = {}
+        self.paused = False  # while True, new storages are not counted
+
+    def _track(self, t: Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._storages:
+            return
+        nbytes = storage.nbytes()
+
+        def freed(_ref, key=key, nbytes=nbytes) -> None:
+            self.live -= nbytes
+            self._storages.pop(key, None)
+
+        self._storages[key] = weakref.ref(storage, freed)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        returns = func._schema.returns
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for index, result in enumerate(outputs):
+            # an output that aliases an input (a view, an in-place or out= result) allocates nothing
+            if index < len(returns) and returns[index].alias_info is not None:
+                continue
+            for t in tree_flatten(result)[0]:
+                if isinstance(t, Tensor) and t.layout == torch.strided:
+                    self._track(t)
+        return out
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Cost of one forward + backward of a module on one input, in bytes and FLOPs.
+
+    ``graph``: bytes alive after a forward with autograd on (its saved tensors and output: what keeping
+    the graph from forward to backward costs); ``peak``: most bytes alive during that forward and the
+    backward that follows (parameter and input gradients included); ``forward_peak``: most bytes alive
+    during a forward without autograd; ``flops``: FLOPs of the forward (backward is counted as 2x).
+    """
+
+    graph: int
+    peak: int
+    forward_peak: int
+    flops: int
+
+    def __add__(self, other: "StepCost") -> "StepCost":
+        return StepCost(self.graph + other.graph, self.peak + other.peak, self.forward_peak + other.forward_peak,
+                        self.flops + other.flops)
+
+    def scaled(self, factor: float) -> "StepCost":
+        return StepCost(*(int(round(v * factor)) for v in (self.graph, self.peak, self.forward_peak, self.flops)))
+
+
+def _meta_state(module: nn.Module) -> tuple[dict[str, Tensor], list[Tensor]]:
+    state, params = {}, []
+    for name, p in module.named_parameters():
+        state[name] = torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
+        if p.requires_grad:
+            params.append(state[name])
+    for name, b in module.named_buffers():
+        state[name] = torch.empty_like(b, device="meta")
+    return state, params
+
+
+def simulate_step(module: nn.Module, input_shape: Sequence[int], input_dtype: torch.dtype, *,
+                  preprocess: Callable[[Tensor], Tensor] | None = None, input_grad: bool = False,
+                  count_input: bool = False) -> StepCost:
+    """Simulate ``module(preprocess(x))`` and its backward for ``x`` of ``input_shape`` (N, C, H, W) and
+    ``input_dtype`` on the meta device (see the module docstring). ``count_input``: the input is a new
+    tensor (a tile read from a lazy image, or copied to another device) rather than a view of memory
+    that exists anyway. Raises what the module raises on meta tensors (the caller decides then)."""
+    state, params = _meta_state(module)
+    shape = tuple(int(v) for v in input_shape)
+
+    def make_input() -> Tensor:
+        return torch.empty(shape, dtype=input_dtype, device="meta")
+
+    def run(x: Tensor) -> Tensor:
+        return functional_call(module, state, (preprocess(x) if preprocess is not None else x,))
+
+    x = None if count_input else make_input()  # made outside the counter: not counted
+    with torch.no_grad(), LiveBytes() as counter:
+        y = run(make_input() if count_input else x)
+        del y
+    forward_peak = counter.peak
+    x = None if count_input else make_input()
+    with torch.enable_grad(), LiveBytes() as counter:
+        if x is None:
+            x = make_input()
+        inputs = list(params)
+        if input_grad and x.is_floating_point():
+            x.requires_grad_(True)
+            inputs = [x] + inputs
+        with FlopCounterMode(display=False) as flop_counter:
+            y = run(x)
+        graph = counter.live
+        if y.requires_grad and inputs:
+            # the output's gradient is the caller's (the model of the whole step counts it once)
+            counter.paused = True
+            grad_y = torch.ones_like(y)
+            counter.paused = False
+            torch.autograd.grad(y, inputs, grad_y, allow_unused=True)  # freed at once: the peak is what counts
+            del grad_y
+        del y, x
+    return StepCost(graph=graph, peak=counter.peak, forward_peak=forward_peak,
+                    flops=int(flop_counter.get_total_flops()))
+
+
+_FIELDS = ("graph", "peak", "forward_peak", "flops")
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """A module's :class:`StepCost` for an input tile ``(h, w)`` as the largest of a few lines
+    ``fixed + per_pixel * h * w``, each fitted through two simulations. Every activation of a
+    convolutional network is proportional to the tile's area (up to rounding at its borders); the peak
+    is the largest of such sums taken at different moments (parameter gradients dominate tiny tiles,
+    activations large ones), so one line per regime, and their maximum, follows it."""
+
+    lines: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...]  # (fixed, per_pixel) per field of _FIELDS
+
+    @staticmethod
+    def fit(*pairs: tuple[tuple[tuple[int, int], StepCost], tuple[tuple[int, int], StepCost]]) -> "LinearCost":
+        """One line through each pair of ``(tile size, simulated cost)`` samples."""
+        lines = []
+        for (s_size, s), (l_size, l) in pairs:
+            a_s, a_l = s_size[0] * s_size[1], l_size[0] * l_size[1]
+            vs = [getattr(s, f) for f in _FIELDS]
+            vl = [getattr(l, f) for f in _FIELDS]
+            slopes = tuple(max((b - a) / (a_l - a_s), 0.0) for a, b in zip(vs, vl))
+            fixed = tuple(max(b - k * a_l, 0.0) for b, k in zip(vl, slopes))
+            lines.append((fixed, slopes))
+        return LinearCost(tuple(lines))
+
+    def __call__(self, size: Sequence[int]) -> StepCost:
+        area = size[0] * size[1]
+        values = [max(fixed[i] + slopes[i] * area for fixed, slopes in self.lines) for i in range(len(_FIELDS))]
+        return StepCost(*(int(math.ceil(v)) for v in values))
+
+    def flops(self, tiles: int, area: float) -> float:
+        """Forward FLOPs of ``tiles`` tiles of ``area`` input pixels in all (FLOPs are linear in the area:
+        the first line's)."""
+        fixed, slopes = self.lines[0]
+        return tiles * fixed[3] + slopes[3] * area
