@@ -197,13 +197,27 @@ def test_cli_help_lists_plan_and_says_mixed_precision_is_approximated(capsys):
 # ------------------------------------------------------------------------------- create_model(memory_budget)
 
 
-@pytest.mark.parametrize("budget", ["64MiB", 48 * 2 ** 20, float(80 * 2 ** 20)])
-def test_create_model_budget_bounds_the_predicted_peak(budget):
+@pytest.fixture(scope="module")
+def resnet18_2048_range() -> tuple[int, int]:
+    """(smallest workable budget, un-tiled need) in bytes of stream_resnet18's streamed part at 2048²."""
+    error = plan_error("stream_resnet18", (2048, 2048), "1KiB")
+    untiled = timm.create_model("stream_resnet18", tile_size=512).stream_plan((2048, 2048)).untiled_memory
+    assert error.minimum < untiled
+    return error.minimum, untiled
+
+
+@pytest.mark.parametrize("spelling", ["MiB string", "int bytes", "float bytes"])
+@pytest.mark.parametrize("fraction", [0.2, 0.6])
+def test_create_model_budget_bounds_the_predicted_peak(resnet18_2048_range, spelling, fraction):
+    smallest, untiled = resnet18_2048_range
+    wanted = max(smallest, int(untiled * fraction))
+    budget = {"MiB string": f"{-(-wanted // 2 ** 20)}MiB", "int bytes": wanted, "float bytes": float(wanted)}[spelling]
     model = timm.create_model("stream_resnet18", memory_budget=budget)
-    plan = model.stream_plan((4096, 4096))
+    assert model.memory_budget == parse_memory(budget) >= wanted
+    plan = model.stream_plan((2048, 2048))
     assert plan.memory_budget == parse_memory(budget)
     assert plan.peak_memory <= parse_memory(budget)
-    assert plan.num_tiles > 1  # 4096² un-tiled needs far more than these budgets: it had to tile
+    assert plan.num_tiles > 1  # below the un-tiled need: it had to tile
 
 
 def test_create_model_budget_with_tile_size_caps_the_tiles():
@@ -228,12 +242,19 @@ def test_stream_plan_passes_batch_and_dtype_through():
 
 
 def test_features_only_model_takes_the_budget():
-    encoder = timm.create_model("stream_resnet18", features_only=True, out_indices=(1, 2, 3), memory_budget="96MiB")
-    plan = encoder.stream_plan((4096, 4096))
-    assert plan.memory_budget == 96 * 2 ** 20 and plan.peak_memory <= 96 * 2 ** 20
+    size, kwargs = (2048, 2048), dict(features_only=True, out_indices=(1, 2, 3))
+    error = plan_error("stream_resnet18", size, "1KiB", **kwargs)
+    budget = int(error.minimum * 1.5)
+    encoder = timm.create_model("stream_resnet18", memory_budget=budget, **kwargs)
+    plan = encoder.stream_plan(size)
+    assert plan.memory_budget == budget and plan.peak_memory <= budget
     assert len(plan.pieces) >= 3  # cut at the requested features
-    error = plan_error("stream_resnet18", (4096, 4096), "1KiB", features_only=True)
-    assert error.minimum > 1024
+    # batch passes through: at the minimum for one image, two images do not fit
+    tight = timm.create_model("stream_resnet18", memory_budget=error.minimum, **kwargs)
+    assert tight.stream_plan(size).peak_memory <= error.minimum
+    with pytest.raises(MemoryBudgetError) as info:
+        tight.stream_plan(size, batch=2)
+    assert info.value.minimum > error.minimum
 
 
 def test_lightning_module_passes_memory_budget_from_model_kwargs():

@@ -84,8 +84,15 @@ class StreamingModelMixin:
         self._streamer.streaming = bool(value)
 
     @property
-    def tile_size(self) -> tuple[int, int]:
+    def tile_size(self) -> tuple[int, int] | None:
+        """The largest tile (h, w) in input pixels; None when ``memory_budget`` alone chooses it."""
         return self._streamer.tile_size
+
+    @property
+    def memory_budget(self) -> int | None:
+        """Bytes one forward + backward of the streamed part may allocate (None: no budget, tiles of
+        ``tile_size``)."""
+        return self._streamer.memory_budget
 
     @property
     def streamer(self) -> StreamingCNN:
