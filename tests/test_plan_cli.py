@@ -7,6 +7,7 @@ nothing of its size.
 """
 from __future__ import annotations
 
+import json
 import time
 import typing
 
@@ -263,3 +264,19 @@ def test_lightning_module_passes_memory_budget_from_model_kwargs():
     module = StreamingClassifier("stream_test_resnet", model_kwargs={"memory_budget": "96MiB"})
     plan = module.model.stream_plan((4096, 4096))
     assert plan.memory_budget == 96 * 2 ** 20 and plan.peak_memory <= 96 * 2 ** 20
+
+
+def test_a_budget_only_model_saves_and_reloads(tmp_path):
+    """save_pretrained of a model whose tiles came from a memory_budget (tile_size None): the budget is the
+    saving machine's, not saved; the reload gets the default tile, or a budget of its own."""
+    model = timm.create_model("stream_test_resnet", memory_budget="1GiB", num_classes=3)
+    assert model.tile_size is None
+    timm_stream.save_pretrained(model, tmp_path)
+    assert "chosen from a memory_budget" in (tmp_path / "README.md").read_text()
+    assert "tile_size" not in json.loads((tmp_path / "config.json").read_text())["model_args"]
+    again = timm_stream.load_pretrained(f"local-dir:{tmp_path}", memory_budget="512MiB")
+    assert again.memory_budget == 512 * 2 ** 20
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+    default = timm_stream.load_pretrained(f"local-dir:{tmp_path}")
+    assert default.memory_budget is None and default.tile_size is not None
