@@ -85,14 +85,14 @@ def test_cli_plans_a_huge_image_quickly_without_allocating_it(capsys, size, extr
 
 def test_cli_numbers_are_the_models_plan(capsys):
     """What the CLI prints is the plan create_model + stream_plan gives for the same arguments."""
-    from timm_stream.lightning.memory import format_bytes
+    from timm_stream.engine import format_bytes
 
     code, out, err = run_cli(capsys, "stream_test_resnet", "--image-size", "1536,1024", "--memory-budget", "96MiB",
                              "--batch", "3")
     assert code == 0, err
     plan = timm.create_model("stream_test_resnet", memory_budget="96MiB").stream_plan((1536, 1024), batch=3)
     assert str(plan) in out
-    assert f"streamed part: {format_bytes(plan.peak_memory)} (budget 96 MiB)" in out
+    assert f"streamed part: {format_bytes(plan.peak_memory)} (budget 96.00 MiB)" in out
     assert f"relative to un-tiled: {plan.relative_time:.2f}x" in out
     assert ("fits in the budget" in out) == plan.fits_untiled
 

@@ -139,7 +139,7 @@ def create_model_for_plan(args: argparse.Namespace) -> nn.Module:
 
 def describe_plan(model: nn.Module, plan, args: argparse.Namespace) -> str:
     """The text ``timm-stream plan`` prints for ``plan`` (from ``model.stream_plan``)."""
-    from .memory import format_bytes
+    from timm_stream.engine import format_bytes
 
     (h, w), budget = plan.input_size, plan.memory_budget
     lines = [f"{args.model}: {args.batch} x {model.streamer.in_channels} x {h} x {w} image"
