@@ -251,3 +251,33 @@ def test_predicted_peak_is_within_20_percent_of_measured_rss(spec):
     assert abs(measured / predicted - 1) <= 0.2, (predicted, measured, result["plan"])
     if "budget" in spec:
         assert measured <= 1.1 * parse_memory(spec["budget"]), (measured, result["plan"])
+
+
+def test_lazy_pooled_input_with_a_budget_is_exact_and_reads_tiles_only():
+    from timm_stream.testing import RecordingLazyImage
+
+    trunk = randomize_(timm_trunk("resnet18"), seed=4).double()
+    s = StreamingCNN(trunk, memory_budget="150MiB", pool="avg")
+    data = image(1, 3, 448, 384, seed=2)
+    lazy = RecordingLazyImage(data)
+    plan = s.plan((448, 384), torch.float64, lazy=True)
+    assert plan.num_tiles > 1 and plan.peak_memory <= 150 * 2**20, str(plan)
+    out = s(lazy)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in trunk.named_parameters()}
+    assert max((r.stop - r.start) * (c.stop - c.start) for r, c in lazy.reads) < 448 * 384  # tiles, not the image
+    trunk.zero_grad(set_to_none=True)
+    reference = trunk(data).mean(dim=(2, 3))
+    reference.sum().backward()
+    assert relative_error(out, reference) <= EXACT
+    for n, p in trunk.named_parameters():
+        assert relative_error(grads[n], p.grad) <= EXACT, n
+
+
+def test_whole_slide_plans_stay_flat_in_the_slide_size():
+    """Lazy + pooled: the planner keeps the predicted peak within the budget whatever the slide size
+    (one piece: nothing grows with the image)."""
+    trunk = timm_trunk("resnet18")
+    s = StreamingCNN(trunk, memory_budget="1GiB", pool="avg", preprocess=lambda t: t.float() / 255)
+    peaks = [s.plan((n, n), torch.uint8, lazy=True).peak_memory for n in (8192, 32768, 131072)]
+    assert max(peaks) <= 2**30 and max(peaks) <= 1.15 * min(peaks), peaks

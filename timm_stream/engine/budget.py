@@ -27,33 +27,43 @@ __all__ = ["PieceCost", "peak_memory", "step_flops", "allocate_kept"]
 
 @dataclass(frozen=True)
 class PieceCost:
-    """One tiled piece for the cost model. ``tile_areas``: input pixels (h * w, halo included) of each
-    tile in forward order; ``largest_tile``: (h, w) of the largest; ``cost``: per-tile cost;
-    ``map_bytes``: its stitched output map (0 when it feeds a streamed pooling); ``input_map_bytes``:
-    the map it reads, whose gradient backward sums (0 for the first piece unless the input needs a
-    gradient); ``param_bytes``: its trainable parameters."""
+    """One tiled piece for the cost model. ``rows``, ``cols``: input lengths (pixels, halo included) of
+    its tiles along each axis (tiles run row by row); ``cost``: per-tile cost; ``map_bytes``: its
+    stitched output map (0 when it feeds a streamed pooling); ``input_map_bytes``: the map it reads,
+    whose gradient backward sums (0 for the first piece unless the input needs a gradient);
+    ``param_bytes``: its trainable parameters."""
 
-    tile_areas: tuple[int, ...]
-    largest_tile: tuple[int, int]
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
     cost: LinearCost
     map_bytes: int
     input_map_bytes: int
     param_bytes: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "largest", self.cost(self.largest_tile))
-        prefix = [0]
-        for area in self.tile_areas:
-            prefix.append(prefix[-1] + area)
-        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "largest", self.cost((max(self.rows), max(self.cols))))
+        for name, lengths in (("_row_prefix", self.rows), ("_col_prefix", self.cols)):
+            prefix = [0]
+            for length in lengths:
+                prefix.append(prefix[-1] + length)
+            object.__setattr__(self, name, prefix)
 
     @property
     def num_tiles(self) -> int:
-        return len(self.tile_areas)
+        return len(self.rows) * len(self.cols)
+
+    def _area(self, count: int) -> int:
+        """Input pixels of the first ``count`` tiles (row-major): whole rows of tiles, then a part row,
+        without listing the tiles (a whole slide at small tiles has millions)."""
+        full, rest = divmod(count, len(self.cols))
+        area = self._row_prefix[full] * self._col_prefix[-1]
+        if rest:
+            area += self.rows[full] * self._col_prefix[rest]
+        return area
 
     def flops(self, first: int, stop: int) -> float:
         """Forward FLOPs of tiles ``first`` to ``stop - 1``: linear in their areas."""
-        return self.cost.flops(stop - first, self._prefix[stop] - self._prefix[first])
+        return self.cost.flops(stop - first, self._area(stop) - self._area(first))
 
 
 def peak_memory(pieces: Sequence[PieceCost], kept: Sequence[int]) -> int:

@@ -28,6 +28,8 @@ Invariants (see :mod:`.geometry` for why they make the result exact):
   read nor computed, in forward or backward.
 * The input may be a lazy image (``is_lazy_image``): only tile regions are read (the next one in a
   background thread while the current tile computes), and it gets no gradient.
+* On a CUDA module with a host input, the next tile's copy to the device (through pinned memory, on a
+  side stream) overlaps the current tile's compute (:mod:`.transfer`); nothing synchronizes per tile.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .lazy import prefetch_regions
+from .transfer import TileFeed, staged
 from .plan import Tile, TilePlan
 from .reducers import Reducer
 
@@ -152,6 +155,8 @@ class ReduceSink:
 
     def __init__(self, plan: TilePlan, reducer: Reducer, mask: Tensor | None):
         self.plan, self.reducer, self.mask = plan, reducer, mask
+        # which tiles to run is decided on the host: one device-to-host copy, not one sync per tile
+        self._host_mask = mask.cpu() if mask is not None else None
         self.state: dict | None = None
         self.dtype: torch.dtype | None = None
 
@@ -162,7 +167,10 @@ class ReduceSink:
         return self.mask[:, :, rows, cols].to(device)
 
     def wants(self, tile: Tile) -> bool:
-        return self.mask is None or bool(self._mask(tile, self.mask.device).any())
+        if self._host_mask is None:
+            return True
+        rows, cols = tile.output_region
+        return bool(self._host_mask[:, :, rows, cols].any())
 
     def _where(self, tile: Tile) -> tuple[tuple[int, int], tuple[int, int]]:
         rows, cols = tile.output_region
@@ -227,7 +235,10 @@ class TileRunner:
         return raw, out
 
     def _regions(self, x, indices: Sequence[int]):
-        return prefetch_regions(x, [self.tiles[i].input_region for i in indices])
+        regions = prefetch_regions(x, [self.tiles[i].input_region for i in indices])
+        if self.device.type == "cuda" and getattr(x, "device", torch.device("cpu")).type == "cpu":
+            return staged(regions, TileFeed(self.device))
+        return regions
 
     def forward(self, x, keep: bool) -> tuple[tuple[Tensor, ...], dict[int, tuple[Tensor, Tensor]]]:
         """The sink's outputs; with ``keep`` (grad mode is then enabled for those tiles only) also the

@@ -668,8 +668,7 @@ class StreamingCNN(nn.Module):
             else:
                 input_bytes = 0
             costs.append(PieceCost(
-                tile_areas=tuple(r.length * c.length for r in piece.rows for c in piece.cols),
-                largest_tile=piece.largest_tile,
+                rows=tuple(r.length for r in piece.rows), cols=tuple(c.length for c in piece.cols),
                 cost=self._piece_cost(bounds, index, geometry, request, chain),
                 map_bytes=0 if last and request.pooled else request.batch * map_bytes[index],
                 input_map_bytes=input_bytes,
@@ -694,14 +693,15 @@ class StreamingCNN(nn.Module):
 
     def _candidate_tiles(self, geometry: StreamGeometry, height: int, width: int) -> list[tuple[int, int]]:
         """First-piece tiles to weigh: from the smallest that works up to the whole image, 15% apart."""
-        low = geometry.min_tile_size
-        cap = self.tile_size or (height, width)
+        size = (height, width)
+        low = tuple(min(geometry.min_tile_size[i], size[i]) for i in range(2))  # a whole axis is one tile
+        cap = self.tile_size or size
         if any(cap[i] < low[i] for i in range(2)):
             return []
         step = max(geometry.align)
         tiles, t = [], max(low)
         while True:
-            tile = tuple(min(max(t, low[i]), cap[i], (height, width)[i]) for i in range(2))
+            tile = tuple(min(max(t, low[i]), cap[i], size[i]) for i in range(2))
             if tile not in tiles:
                 tiles.append(tile)
             if t >= max(height, width):
@@ -713,8 +713,12 @@ class StreamingCNN(nn.Module):
         docstring); ties go to less memory."""
         budget = self.memory_budget
         layouts = [self._choose_layout(request.pooled, request.lazy)[1:]]
-        if self._whole is not None and tuple(self._whole[1]) != tuple(layouts[0][0]):
-            layouts.append((self._whole[1], self._whole[2], "one piece: chosen by the memory-budget planner"))
+        for bounds, geometries, note in ((self._bounds, self._piece_geometry, "stitched pieces: chosen by the "
+                                          "memory-budget planner"),
+                                         (self._whole and self._whole[1], self._whole and self._whole[2],
+                                          "one piece: chosen by the memory-budget planner")):
+            if bounds and all(tuple(bounds) != tuple(other[0]) for other in layouts):
+                layouts.append((bounds, geometries, note))
         untiled = self._untiled_cost(request)
         best, smallest, seen = None, None, set()
         for bounds, geometries, note in layouts:
