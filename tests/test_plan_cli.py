@@ -63,10 +63,8 @@ def plan_error(model_name: str, size, budget, **kwargs) -> MemoryBudgetError:
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
-# The tensor-input plan of a 65536² image works too, but its budget planner (the engine's) takes ~35 s
-# and ~7 GiB of RSS on this machine: the tensor case runs at 16384² here.
-@pytest.mark.parametrize("size, extra", [(65536, ("--lazy",)), (16384, ("--batch", "2", "--precision", "bf16-mixed"))],
-                         ids=["65536-lazy", "16384-tensor-batch2-bf16"])
+@pytest.mark.parametrize("size, extra", [(65536, ()), (65536, ("--lazy", "--batch", "2", "--precision", "bf16-mixed"))],
+                         ids=["65536-tensor", "65536-lazy-batch2-bf16"])
 def test_cli_plans_a_huge_image_quickly_without_allocating_it(capsys, size, extra):
     guard = RefuseLargeTensors(ELEMENT_LIMIT)
     start = time.perf_counter()
@@ -79,7 +77,7 @@ def test_cli_plans_a_huge_image_quickly_without_allocating_it(capsys, size, extr
     assert f"StreamPlan({size}x{size}" in out
     assert "predicted peak memory of the streamed part" in out and "budget 2.00 GiB" in out
     assert "predicted step time relative to un-tiled" in out
-    assert "does NOT fit in the budget of 2.00 GiB" in out  # un-tiled, these sizes need tens of GiB or more
+    assert "does NOT fit in the budget of 2.00 GiB" in out  # un-tiled 65536² needs terabytes
     assert elapsed < 60, f"planning took {elapsed:.0f} s"
 
 
