@@ -45,8 +45,8 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 CARD_TEMPLATE = "stream_model.md"  # in model_cards/ == package data of timm_stream.model_cards
 
-# Run-time options that are not part of the shared model.
-_RUNTIME_ARGS = ("progress",)
+# Run-time options that are not part of the shared model (memory_budget: the saving machine's memory).
+_RUNTIME_ARGS = ("progress", "memory_budget")
 
 CARD_KEYS = ("license", "datasets", "training_data", "metrics", "base_pretrained", "repo_id", "title",
              "description", "tags")
@@ -93,8 +93,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
 
 
 def _streaming_args(model: nn.Module) -> dict[str, Any]:
+    # tile_size is None when a memory_budget alone chose the tiles: the budget is the saving machine's,
+    # not part of the shared model (like progress), so a reload gets the default tile or its own budget.
     args = {
-        "tile_size": list(model.tile_size),
+        **({} if model.tile_size is None else {"tile_size": list(model.tile_size)}),
         "stream_stages": model.stream_stages,
         "normalize_input": isinstance(model.streamer.preprocess, InputNormalizer),
         "train_tail_norms": bool(model.train_tail_norms),
@@ -288,7 +290,8 @@ def render_model_card(model: nn.Module, *, card: Mapping[str, Any] | None = None
         base=base,
         origin=f"[`{origin}`](https://huggingface.co/{origin})" if is_hub_id else (
             _md_text(origin) if origin else "not recorded"),
-        tile_size=f"{model.tile_size[0]} × {model.tile_size[1]}",
+        tile_size=(f"{model.tile_size[0]} × {model.tile_size[1]}" if model.tile_size is not None else
+                   "the default (saved without tile_size: this model's tiles were chosen from a memory_budget)"),
         stream_stages=model.stream_stages,
         total_stages=len(STAGE_REDUCTIONS),
         stride=f"{g.stride[0]} × {g.stride[1]}",

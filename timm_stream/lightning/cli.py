@@ -6,6 +6,7 @@
     timm-stream predict  --config recipes/resnet50_8192.yaml --ckpt_path path/to/best.ckpt \\
                          --data.predict slides/ --predictions.output predictions.csv
     timm-stream demo     [--images 48 --size 1024 --epochs 4 ...]
+    timm-stream plan     stream_resnet50 --image-size 65536 --memory-budget 20GiB [--precision bf16-mixed]
 
 Everything is LightningCLI's own (``--help``, ``--print_config``, ``--trainer.*``, ``--model.*``,
 ``--data.*``), plus: ``--predictions.output`` (the CSV ``predict`` writes) and atomic checkpoint writes
@@ -27,11 +28,16 @@ from .module import StreamingClassifier
 __all__ = ["StreamingCLI", "main"]
 
 DESCRIPTION = ("Fine-tune stream_<arch> timm models on large images, tile by tile. Subcommands: fit, validate, "
-               "test, predict (LightningCLI; e.g. --config recipes/<name>.yaml) and demo (timm-stream demo --help).")
+               "test, predict (LightningCLI; e.g. --config recipes/<name>.yaml), demo (timm-stream demo --help) "
+               "and plan (timm-stream plan --help).")
 
 
 DEMO_HELP = ("Fine-tune stream_test_resnet on generated 1024x1024 images (CPU, offline, a few minutes); writes "
              "under ./timm_stream_demo. Options: timm-stream demo --help")
+
+PLAN_HELP = ("Print the streaming plan of a model for an image size, its predicted peak memory and time relative "
+             "to un-tiled, and whether un-tiled fits a --memory-budget (nothing allocated, nothing downloaded). "
+             "Options: timm-stream plan --help")
 
 
 class StreamingCLI(LightningCLI):
@@ -46,8 +52,8 @@ class StreamingCLI(LightningCLI):
         super().__init__(StreamingClassifier, LargeImageDataModule, *args, parser_kwargs=parser_kwargs, **kwargs)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        # Lightning's fit/validate/test/predict, plus `demo` in the help's list of subcommands (main()
-        # runs it before the CLI is built; its own options: timm-stream demo --help).
+        # Lightning's fit/validate/test/predict, plus `demo` and `plan` in the help's list of subcommands
+        # (main() runs them before the CLI is built; their own options: timm-stream demo|plan --help).
         add_subcommands, actions = parser.add_subcommands, []
         parser.add_subcommands = lambda *a, **k: actions.append(add_subcommands(*a, **k)) or actions[-1]
         try:
@@ -55,6 +61,7 @@ class StreamingCLI(LightningCLI):
         finally:
             del parser.add_subcommands
         actions[0].add_subcommand("demo", LightningArgumentParser(description=DEMO_HELP), help=DEMO_HELP)
+        actions[0].add_subcommand("plan", LightningArgumentParser(description=PLAN_HELP), help=PLAN_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -79,6 +86,10 @@ def main(args: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from .plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     StreamingCLI(args=argv if args is not None else None)
     return 0
 

@@ -64,14 +64,20 @@ def _pop_feature_args(base: str, kwargs: dict) -> dict | None:
 
 
 def create_stream_model(base: str, pretrained: bool = False, *, local_stages: int,
-                        tile_size: Any = None, stream_stages: int | None = None, normalize_input: bool = False,
+                        tile_size: Any = None, memory_budget: int | float | str | None = None,
+                        stream_stages: int | None = None, normalize_input: bool = False,
                         train_tail_norms: bool = False, progress: bool = False, **kwargs: Any) -> nn.Module:
     """Create the streaming variant of timm architecture ``base``.
 
     Args:
         local_stages: stages of ``base`` proven local (registered with the architecture).
         tile_size: largest tile in input pixels, int or (h, w) (default 2048, or the architecture's
-            minimum if larger).
+            minimum if larger; with ``memory_budget`` no default: the engine's planner chooses).
+        memory_budget: bytes that one forward + backward of the streamed part may allocate (int or
+            float bytes, or a string such as ``"20GiB"``, ``"512 MiB"``, ``"1.5e9"``; parsed by
+            :func:`timm_stream.engine.parse_memory`). The engine chooses tiles, pieces and kept tile graphs
+            to fit it (``tile_size``, if given, stays the largest tile); a budget below the smallest
+            workable one raises :class:`~timm_stream.engine.MemoryBudgetError` when planning or running.
         stream_stages: stem plus this many stages run streamed (default: ``local_stages``).
         normalize_input: accept uint8 images (0..255) and normalize each tile with the mean/std that
             ``timm.data.resolve_data_config`` gives (the pretrained cfg's), on the model's device. One
@@ -119,11 +125,11 @@ def create_stream_model(base: str, pretrained: bool = False, *, local_stages: in
         load_pretrained_with_attention(model, model.num_classes, kwargs.get("in_chans", 3))
     split = split_trunk(model)
     options = dict(normalize_input=normalize_input, train_tail_norms=train_tail_norms, progress=progress,
-                   pool_type=pool_type)
+                   pool_type=pool_type, memory_budget=memory_budget)
     if features is not None:  # cut the streamer at the requested features; tile_size is checked on those pieces
         features.setdefault("out_indices", default_out_indices(model, split.family))
         options["outputs"] = stream_cuts(model, split, stream_stages, features["out_indices"])
-    if tile_size is not None:
+    if tile_size is not None or memory_budget is not None:  # a budget lets the planner choose the tile
         model = make_streaming(model, split, stream_stages, tile_size, **options)
     else:
         try:

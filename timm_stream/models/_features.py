@@ -339,13 +339,16 @@ class StreamFeatureNet(FeatureGetterNet):
     def tile_size(self) -> tuple[int, int]:
         return self.model.tile_size
 
-    def stream_plan(self, input_size: Sequence[int]):
-        """Tiles per piece and each stitched map's size (C x H x W, MiB per image) for an image of
-        ``input_size`` (H, W). Pieces end at every requested feature of the streamed part and where
-        ``stitch="auto"`` cuts; every map listed is kept from forward to backward, plus its gradient."""
+    def stream_plan(self, input_size: Sequence[int], lazy: bool = False, *, batch: int = 1,
+                    dtype: torch.dtype | None = None):
+        """Tiles per piece and each stitched map's size (C x H x W, MiB per image) for ``batch`` images of
+        ``input_size`` (H, W), with the predicted peak memory (bytes) and time relative to un-tiled (see
+        :meth:`StreamingModelMixin.stream_plan`). Pieces end at every requested feature of the streamed part
+        and where ``stitch="auto"`` cuts; every map listed is kept from forward to backward, plus its
+        gradient. Raises ``MemoryBudgetError`` when the model's ``memory_budget`` is too small."""
         take, _ = feature_take_indices(len(self.model.feature_info), list(self.out_indices))
         streamer, _ = features_streamer(self.model, take)
-        return streamer.plan(input_size)
+        return streamer.plan(input_size, dtype, lazy=lazy, batch=batch)
 
     @property
     def streamer(self) -> StreamingCNN:

@@ -252,7 +252,10 @@ def _pin_to_config_commit(cfg: dict[str, Any], model_args: Mapping[str, Any], ca
 def warn_if_untiled(model: Any, cfg: Mapping[str, Any] | None) -> None:
     """Warn (:class:`LargeTileWarning`) when ``model.tile_size`` streams nothing where it matters: a tile
     side above :data:`MAX_SENSIBLE_TILE`, or a tile covering the whole input size the config declares when
-    that size is larger than the default tile (the model would run un-tiled, with the un-tiled memory)."""
+    that size is larger than the default tile (the model would run un-tiled, with the un-tiled memory).
+    Never with a ``memory_budget``: the planner then keeps within it whatever the largest tile."""
+    if getattr(getattr(model, "streamer", None), "memory_budget", None) is not None or model.tile_size is None:
+        return
     tile = tuple(model.tile_size)
     size = tuple((cfg or {}).get("input_size") or ())[-2:]
     why = None

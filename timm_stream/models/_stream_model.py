@@ -84,18 +84,33 @@ class StreamingModelMixin:
         self._streamer.streaming = bool(value)
 
     @property
-    def tile_size(self) -> tuple[int, int]:
+    def tile_size(self) -> tuple[int, int] | None:
+        """The largest tile (h, w) in input pixels; None when ``memory_budget`` alone chooses it."""
         return self._streamer.tile_size
+
+    @property
+    def memory_budget(self) -> int | None:
+        """Bytes one forward + backward of the streamed part may allocate (None: no budget, tiles of
+        ``tile_size``)."""
+        return self._streamer.memory_budget
 
     @property
     def streamer(self) -> StreamingCNN:
         """The engine running the streamed part (``.plan(size)``, ``.geometry``)."""
         return self._streamer
 
-    def stream_plan(self, input_size: Sequence[int], lazy: bool = False):
-        """What streaming an image of ``input_size`` (H, W) does in ``forward``: tiles, overlap, stride,
-        halo (``lazy``: for a lazy image input; with pooling streamed it may then run as one piece)."""
-        return self._streamer.plan(input_size, lazy=lazy, pooled=self.pooling_streamed)
+    def stream_plan(self, input_size: Sequence[int], lazy: bool = False, *, batch: int = 1,
+                    dtype: torch.dtype | None = None):
+        """What streaming ``batch`` images of ``input_size`` (H, W) pixels does in ``forward``: tiles,
+        overlap, stride, halo, and (see :meth:`timm_stream.engine.StreamingCNN.plan`) the predicted peak
+        memory in bytes (``peak_memory``) and time relative to un-tiled (``relative_time``). Runs only a
+        shape ("meta") trace: nothing of the image's size is allocated.
+
+        ``lazy``: for a lazy image input (with pooling streamed it may then run as one piece);
+        ``dtype``: the activations' dtype (default: the parameters'; ``torch.bfloat16`` for bf16
+        autocast). Raises :class:`~timm_stream.engine.MemoryBudgetError` (naming the smallest workable
+        budget) when the model's ``memory_budget`` is too small for this input."""
+        return self._streamer.plan(input_size, dtype, lazy=lazy, pooled=self.pooling_streamed, batch=batch)
 
     # ---------------------------------------------------------------- pooling and masks
     def forward(self, x, mask: Tensor | None = None) -> Tensor:
@@ -265,14 +280,17 @@ def _input_normalizer(model: nn.Module, streamed: Sequence[tuple[str, nn.Module]
 
 def make_streaming(model: nn.Module, split: TrunkSplit, stream_stages: int, tile_size, *,
                    normalize_input: bool = False, train_tail_norms: bool = False,
-                   progress: bool = False, outputs: Sequence[str] = (), pool_type: str | None = None) -> nn.Module:
+                   progress: bool = False, outputs: Sequence[str] = (), pool_type: str | None = None,
+                   memory_budget: int | float | str | None = None) -> nn.Module:
     pool = install_pooling(model, pool_type, model.num_features)
     preprocess = None
     if normalize_input:
         preprocess = _input_normalizer(model, split.streamed(stream_stages))
     # resolve: the streamed steps are looked up in the model's tree at each call (module replacement);
     # outputs: steps whose stitched maps are features (features_only): each ends a piece
-    options = dict(preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model), outputs=outputs)
+    # memory_budget: the engine's planner chooses tiles, pieces and kept tile graphs to fit it
+    options = dict(preprocess=preprocess, progress=progress, resolve=SubmoduleOf(model), outputs=outputs,
+                   memory_budget=memory_budget)
     streamer, tail_streamed = None, stream_stages == len(split.stages) and not split.tail
     if stream_stages == len(split.stages) and split.tail and not outputs:
         # Everything streamed: the tail (ConvNeXt's norm_pre, EfficientNet's conv_head/bn2, ...) joins the
