@@ -35,9 +35,10 @@ loss after the steps, are the same everywhere). Memory: peak RSS of the worker b
 before the first step (measured after setup, ``gc.collect()`` and ``malloc_trim(0)``; the high-water
 mark is reset through ``/proc/self/clear_refs`` so that setup, e.g. lightstream's full-tile statistics
 pass, does not count); the peak covers every step, the first (untimed) one included; no warm-up run.
-Every worker runs with ``MALLOC_MMAP_THRESHOLD_=262144`` (glibc), the threshold timm_stream's engine fixes
-when it streams on the CPU, so that heap fragmentation counts the same in every mode (``--malloc-default``:
-glibc's default in the workers; then the un-tiled modes keep freed mid-sized blocks resident).
+Every worker runs with glibc's default allocator settings, as a user's process does; timm_stream's engine
+fixes glibc's mmap threshold at 256 KiB itself when it streams under a memory budget (``--malloc-fixed``:
+``MALLOC_MMAP_THRESHOLD_=262144`` in every worker, so that heap fragmentation counts the same in every mode,
+at the price of page faults that slow the un-tiled modes).
 On CUDA: ``max_memory_allocated`` beyond ``memory_allocated`` before the first step. Time: the last of
 ``--steps`` steps (default 2). The timm_stream modes also print the planner's prediction
 (``plan.peak_memory``, ``plan.relative_time``; un-tiled: ``plan.untiled_memory``) next to the measurement.
@@ -441,7 +442,7 @@ def run_compare(args) -> dict:
     modes = [m for m in MODES if m in args.modes.split(",")]  # fixed order: un-tiled first (budgets need it)
     print(f"mode comparison: image {image}x{image}, tile {tile} (default and lightstream), {steps} steps, "
           f"{args.threads} threads, {args.device}, glibc mmap threshold "
-          + ("glibc's default (the engine fixes it in its own runs)" if getattr(args, "malloc_default", False)
+          + ("glibc's default (the engine fixes it under a budget)" if not getattr(args, "malloc_fixed", False)
              else f"{COMPARE_ENV['MALLOC_MMAP_THRESHOLD_']} bytes in every mode"))
     runs: dict[str, dict] = {}
     for mode in modes:
@@ -460,7 +461,7 @@ def run_compare(args) -> dict:
                 continue
             budget = int(BUDGET_FRACTIONS[mode] * untiled["peak_bytes"])
         runs[mode] = measure_mode(mode, image, tile, steps, args.threads, args.device, budget,
-                                  None if getattr(args, "malloc_default", False) else COMPARE_ENV)
+                                  COMPARE_ENV if getattr(args, "malloc_fixed", False) else None)
     ref = runs.get("untiled", {})
     done = {m: r for m, r in runs.items() if "step_s" in r}
     for r in done.values():
@@ -671,9 +672,9 @@ def main() -> None:
                    f"--small: {COMPARE_SMALL[0]})")
     p.add_argument("--compare-tile", type=int, help=f"tile of default and lightstream (default {COMPARE[1]}; "
                    f"--small: {COMPARE_SMALL[1]})")
-    p.add_argument("--malloc-default", action="store_true",
-                   help="--compare: leave glibc's dynamic mmap threshold in the workers (the engine still fixes "
-                        "it when it streams); default: fixed at 256 KiB in every mode")
+    p.add_argument("--malloc-fixed", action="store_true",
+                   help="--compare: fix glibc's mmap threshold at 256 KiB in every worker (default: glibc's "
+                        "dynamic threshold, as in a user's process; the engine fixes it under a memory budget)")
     p.add_argument("--plot-modes", help="with --compare (implied): write step time vs peak memory to this PNG")
     p.add_argument("--worker", choices=["untiled", "streamed"], help=argparse.SUPPRESS)
     p.add_argument("--mode-worker", choices=MODES, help=argparse.SUPPRESS)

@@ -241,10 +241,10 @@ def _probe(spec: dict) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("spec", [
     {"arch": "resnet18", "size": 1024, "budget": "150MiB"},  # tiles and kept graphs chosen by the budget
-    {"arch": "resnet18", "size": 1024, "tile": 384},  # a fixed tile, many tiles, no budget
+    {"arch": "resnet18", "size": 1024, "tile": 384, "budget": "1GiB"},  # tiles capped: every graph kept
     {"arch": "resnet18", "size": 768, "budget": "250MiB", "batch": 2, "pool": "avg"},  # pooled, batch 2
     {"arch": "regnetx_002", "size": 1024, "budget": "120MiB"},  # another network
-], ids=["resnet18-budget", "resnet18-tile", "resnet18-pooled-batch2", "regnetx-budget"])
+], ids=["resnet18-budget", "resnet18-capped-tile", "resnet18-pooled-batch2", "regnetx-budget"])
 def test_predicted_peak_is_within_20_percent_of_measured_rss(spec):
     result = _probe(spec)
     predicted, measured = result["predicted"], result["measured"]

@@ -832,7 +832,9 @@ class StreamingCNN(nn.Module):
         plan = self._plan(int(x.shape[-2]), int(x.shape[-1]), x.dtype, int(x.shape[1]), lazy, pool is not None,
                           int(x.shape[0]), input_grad, estimate=False)
         pieces = self._layouts[plan.bounds][0]
-        if device.type == "cpu":
+        if device.type == "cpu" and self.memory_budget is not None and plan.num_tiles > len(plan.pieces):
+            # a budget promises resident memory: make the allocator return what is freed (it costs page
+            # faults, so plain tile_size runs and un-tiled plans keep glibc's default)
             use_fixed_mmap_threshold()
         for index, (piece, piece_plan) in enumerate(zip(pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
