@@ -484,7 +484,7 @@ def run_compare(args) -> dict:
             why = r.get("skipped") or r.get("error") or "worker failed"
             print(f"{mode:11s} (not measured: {why})")
             continue
-        plan = f"{r['tiles']} tiles ({r['grids']})" if r.get("tiles") and mode != "untiled" else ""
+        plan = f"{r['tiles']} tiles ({r.get('grids', '-')})" if r.get("tiles") and mode != "untiled" else ""
         if r.get("kept"):
             plan += f", kept {'+'.join(map(str, r['kept']))}"
         if r.get("budget_bytes") is not None:
