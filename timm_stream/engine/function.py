@@ -84,7 +84,7 @@ def _load_malloc_trim() -> Callable[[], None]:
 # in the process as if they were live; handing them back between tiles keeps peak memory at one tile.
 _release_host_memory = _load_malloc_trim()
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 _MMAP_THRESHOLD_BYTES = 256 * 2**10
 _mmap_threshold_fixed = False
 
@@ -102,7 +102,11 @@ def use_fixed_mmap_threshold() -> None:
         return
     _mmap_threshold_fixed = True
     try:
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        # the dynamic threshold also raised the trim threshold (to twice its own value): lower it too, or
+        # freed heap memory from before this call stays resident
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # not glibc
         pass
 
