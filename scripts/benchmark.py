@@ -75,16 +75,16 @@ LIGHTSTREAM_MAX_TILES = 64  # beyond this its backward would run for hours on a 
 
 
 # ----------------------------------------------------------------------------------------- worker
-def worker(mode: str, image: int, tile: int, steps: int, threads: int, device: str) -> dict:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import resource
+def _resnet18_setup(threads: int, image: int):
+    """What every worker starts from: timm's resnet18, its trunk (conv1..layer4, the model's own modules,
+    randomized with seed 0), a Linear(512, 2) head, and the seeded uint8 image (1, 3, image, image) on the
+    host."""
     from collections import OrderedDict
 
     import timm
     import torch
     from torch import nn
 
-    from timm_stream import StreamingCNN
     from timm_stream.testing import randomize_
 
     torch.set_num_threads(threads)
@@ -93,13 +93,26 @@ def worker(mode: str, image: int, tile: int, steps: int, threads: int, device: s
     names = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
     trunk = randomize_(nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names)), seed=0)
     head = nn.Linear(512, 2)
+    image_u8 = torch.randint(0, 256, (1, 3, image, image), dtype=torch.uint8,
+                             generator=torch.Generator().manual_seed(1))
+    return model, trunk, head, image_u8
+
+
+def worker(mode: str, image: int, tile: int, steps: int, threads: int, device: str) -> dict:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import resource
+
+    import torch
+    from torch import nn
+
+    from timm_stream import StreamingCNN
+
+    model, trunk, head, image_u8 = _resnet18_setup(threads, image)
     del model
     device = torch.device(device)
     cuda = device.type == "cuda"
     trunk.to(device)
     head.to(device)
-    image_u8 = torch.randint(0, 256, (1, 3, image, image), dtype=torch.uint8,
-                             generator=torch.Generator().manual_seed(1))
     label = torch.tensor([1], device=device)  # the image stays on the host: tiles travel one by one
     maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     base = maxrss()
@@ -217,30 +230,20 @@ def mode_worker(mode: str, image: int, tile: int, steps: int, threads: int, devi
     """One mode of the comparison in this process: setup, ``steps`` train steps, time and memory."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import inspect
-    from collections import OrderedDict
 
-    import timm
     import torch
     from torch import nn
 
     from timm_stream import StreamingCNN
     from timm_stream import engine
-    from timm_stream.testing import randomize_
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18")
-    names = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    # the same modules (and so the same randomized weights) as the full model's: checkpoint runs the model
-    trunk = randomize_(nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names)), seed=0)
-    head = nn.Linear(512, 2)
+    # the trunk holds the full model's modules (so the same randomized weights): checkpoint runs the model
+    model, trunk, head, image_u8 = _resnet18_setup(threads, image)
     device = torch.device(device)
     cuda = device.type == "cuda"
     model.to(device)
     head.to(device)
     _freeze_norms(model)
-    image_u8 = torch.randint(0, 256, (1, 3, image, image), dtype=torch.uint8,
-                             generator=torch.Generator().manual_seed(1))
     label = torch.tensor([1], device=device)  # the image stays on the host (tiles travel one by one)
     result = {"mode": mode, "image": image, "tile": tile, "threads": threads, "budget_bytes": budget,
               "device": torch.cuda.get_device_name(device) if cuda else "cpu"}

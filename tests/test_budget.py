@@ -14,7 +14,7 @@ from conftest import EXACT, Residual, assert_exact, timm_trunk
 from torch import nn
 
 from timm_stream.engine import MemoryBudgetError, StreamingCNN, format_bytes, parse_memory
-from timm_stream.engine.function import StreamFunction, TileRunner
+from timm_stream.engine.function import ReduceSink, StreamFunction, TileRunner
 from timm_stream.engine.memory import LiveBytes, simulate_step
 from timm_stream.testing import randomize_, relative_error
 
@@ -108,8 +108,6 @@ def test_every_number_of_kept_tile_graphs_gives_the_same_gradients(pooled):
         runner_plan = s.plan((64, 56), torch.float64)
         sink = None
         if pooled:
-            from timm_stream.engine.function import ReduceSink
-
             sink = ReduceSink(runner_plan.pieces[0], s.pool, None)
         runner = TileRunner(s._pieces[0].module, runner_plan.pieces[0], params, torch.device("cpu"),
                             keep_tiles=keep, sink=sink)

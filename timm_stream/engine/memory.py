@@ -120,13 +120,6 @@ class StepCost:
     forward_peak: int
     flops: int
 
-    def __add__(self, other: "StepCost") -> "StepCost":
-        return StepCost(self.graph + other.graph, self.peak + other.peak, self.forward_peak + other.forward_peak,
-                        self.flops + other.flops)
-
-    def scaled(self, factor: float) -> "StepCost":
-        return StepCost(*(int(round(v * factor)) for v in (self.graph, self.peak, self.forward_peak, self.flops)))
-
 
 def _meta_state(module: nn.Module) -> tuple[dict[str, Tensor], list[Tensor]]:
     state, params = {}, []

@@ -213,6 +213,11 @@ class StreamPlan(PerAxisGeometry):
         return "\n".join(lines)
 
 
+def _map_bytes(chain: Sequence[Trace], bounds) -> tuple[int, ...]:
+    """Bytes per image of each piece's output map (pieces ``[a, b)`` of the traced chain)."""
+    return tuple(math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize for _, b in bounds)
+
+
 @dataclass(frozen=True)
 class _Request:
     """What a plan is for: input size (pixels), dtype and channels, lazy or tensor, pooled, batch, and
@@ -583,8 +588,7 @@ class StreamingCNN(nn.Module):
                     for i, p in enumerate(pieces)]
         work = tuple(float(sum(t.activation_elements for t in chain[a:b])) for a, b in bounds)
         maps = tuple(tuple(chain[b - 1].output_shape[1:]) for _, b in bounds)
-        map_bytes = tuple(math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize
-                          for _, b in bounds)
+        map_bytes = _map_bytes(chain, bounds)
         names = tuple(p.label for p in self._layouts[tuple(bounds)][0])
         costs: dict = {}
         if estimate:
@@ -728,8 +732,7 @@ class StreamingCNN(nn.Module):
                 if grids in seen:
                     continue
                 seen.add(grids)
-                map_bytes = [math.prod(chain[b - 1].output_shape[1:]) * chain[b - 1].output_dtype.itemsize
-                             for _, b in bounds]
+                map_bytes = _map_bytes(chain, bounds)
                 if all(p.num_tiles == 1 for p in pieces):
                     kept, peak, time = [1] * len(pieces), untiled.peak, 1.0
                 else:
