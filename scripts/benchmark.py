@@ -36,9 +36,9 @@ before the first step (measured after setup, ``gc.collect()`` and ``malloc_trim(
 mark is reset through ``/proc/self/clear_refs`` so that setup, e.g. lightstream's full-tile statistics
 pass, does not count); the peak covers every step, the first (untimed) one included; no warm-up run.
 Every worker runs with glibc's default allocator settings, as a user's process does; timm_stream's engine
-fixes glibc's mmap threshold at 256 KiB itself when it streams under a memory budget (``--malloc-fixed``:
-``MALLOC_MMAP_THRESHOLD_=262144`` in every worker, so that heap fragmentation counts the same in every mode,
-at the price of page faults that slow the un-tiled modes).
+fixes glibc's mmap threshold itself when it tiles under a memory budget (at 32 MiB, glibc's largest
+dynamic value, for budgets from 2 GiB; ``--malloc-fixed``: ``MALLOC_MMAP_THRESHOLD_=33554432`` in every
+worker, so that the same blocks are mapped, and fault in fresh pages, in every mode).
 On CUDA: ``max_memory_allocated`` beyond ``memory_allocated`` before the first step. Time: the last of
 ``--steps`` steps (default 2). The timm_stream modes also print the planner's prediction
 (``plan.peak_memory``, ``plan.relative_time``; un-tiled: ``plan.untiled_memory``) next to the measurement.
@@ -67,10 +67,10 @@ C_LIMIT_BYTES = 4e9  # "4 GB": decimal, 3.73 GiB
 COMPARE, COMPARE_SMALL = (4096, 2048), (512, 256)
 MODES = ("untiled", "checkpoint", "lightstream", "default", "budget40", "budget100")
 BUDGET_FRACTIONS = {"budget40": 0.40, "budget100": 1.00}
-# Every mode's worker runs with glibc's mmap threshold fixed at 256 KiB, the value timm_stream's engine sets
-# when it streams on the CPU (engine/function.py): the dynamic threshold keeps freed mid-sized blocks on the
-# heap, resident (~0.3 GiB in a step), which would count against the modes that do not set it themselves.
-COMPARE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2 ** 10)}
+# --malloc-fixed: every mode's worker runs with glibc's mmap threshold fixed at the value timm_stream's
+# engine sets when it tiles under a budget on the CPU (engine/function.py, HOST_MMAP_THRESHOLD), so that
+# which blocks are mapped (page faults) and which come from the heap is the same in every mode.
+COMPARE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20)}
 LIGHTSTREAM_MAX_TILES = 64  # beyond this its backward would run for hours on a CPU: skipped
 
 
@@ -676,7 +676,7 @@ def main() -> None:
     p.add_argument("--compare-tile", type=int, help=f"tile of default and lightstream (default {COMPARE[1]}; "
                    f"--small: {COMPARE_SMALL[1]})")
     p.add_argument("--malloc-fixed", action="store_true",
-                   help="--compare: fix glibc's mmap threshold at 256 KiB in every worker (default: glibc's "
+                   help="--compare: fix glibc's mmap threshold at 32 MiB in every worker (default: glibc's "
                         "dynamic threshold, as in a user's process; the engine fixes it under a memory budget)")
     p.add_argument("--plot-modes", help="with --compare (implied): write step time vs peak memory to this PNG")
     p.add_argument("--worker", choices=["untiled", "streamed"], help=argparse.SUPPRESS)

@@ -102,7 +102,7 @@ def test_budgets_are_fractions_of_the_measured_untiled_peak(bench, tmp_path, mon
     assert dict(calls)["budget100"] == int(3.0 * GIB)
     assert "not installed" in result["runs"]["lightstream"]["skipped"]
     # every worker gets glibc's default allocator settings (a user's process), unless --malloc-fixed
-    assert envs == [None] * 4 and bench.COMPARE_ENV["MALLOC_MMAP_THRESHOLD_"] == str(256 * 2 ** 10)
+    assert envs == [None] * 4 and bench.COMPARE_ENV["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2 ** 20)
     assert (result["image"], result["tile"]) == bench.COMPARE_SMALL
     png = tmp_path / "modes.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,16 +13,19 @@ graphs, ``W`` the piece's parameter-gradient accumulators, costs per tile from :
 
 A piece that is a single tile runs plainly (autograd keeps its whole graph, output included), exactly
 like an un-tiled module. Time is counted in FLOPs: a forward, the backward as two forwards (the usual
-estimate), plus one more forward for every tile that is recomputed in backward.
+estimate), one more forward for every tile that is recomputed in backward, and ``fresh_flops`` FLOPs per
+byte of fresh host pages each tile faults in (its forward without autograd, and its forward + backward;
+0 on CUDA; see :func:`.memory.host_cost`).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
-from .memory import LinearCost
+from .memory import LinearCost, StepCost, TraceCost
 
-__all__ = ["PieceCost", "peak_memory", "step_flops", "allocate_kept"]
+__all__ = ["PieceCost", "peak_memory", "step_time", "allocate_kept"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class PieceCost:
 
     rows: tuple[int, ...]
     cols: tuple[int, ...]
-    cost: LinearCost
+    cost: "LinearCost | TraceCost"
     map_bytes: int
     input_map_bytes: int
     param_bytes: int
@@ -65,6 +68,26 @@ class PieceCost:
         """Forward FLOPs of tiles ``first`` to ``stop - 1``: linear in their areas."""
         return self.cost.flops(stop - first, self._area(stop) - self._area(first))
 
+    def _sum(self, count: int, value: Callable[[StepCost], float]) -> float:
+        """``value`` of the cost of each of the first ``count`` tiles (row-major), summed per distinct
+        tile size (a grid has a few: balanced tiles, border tiles with less halo)."""
+        full, rest = divmod(count, len(self.cols))
+        per_row = {}
+        total = 0.0
+        for r, n in Counter(self.rows[:full]).items():
+            if r not in per_row:
+                per_row[r] = sum(m * value(self.cost((r, c))) for c, m in Counter(self.cols).items())
+            total += n * per_row[r]
+        if rest:
+            total += sum(m * value(self.cost((self.rows[full], c))) for c, m in Counter(self.cols[:rest]).items())
+        return total
+
+    def fresh(self, first: int, stop: int, forward_only: bool = False) -> float:
+        """Bytes of fresh host pages of tiles ``first`` to ``stop - 1``: their forward + backward, or
+        (``forward_only``) their forward without autograd."""
+        value = (lambda c: c.forward_fresh) if forward_only else (lambda c: c.fresh)
+        return self._sum(stop, value) - self._sum(first, value)
+
 
 def peak_memory(pieces: Sequence[PieceCost], kept: Sequence[int]) -> int:
     """Most bytes alive at once during the forward and backward of ``pieces``, keeping ``kept[p]`` tile
@@ -88,13 +111,16 @@ def peak_memory(pieces: Sequence[PieceCost], kept: Sequence[int]) -> int:
     return int(peak)
 
 
-def step_flops(pieces: Sequence[PieceCost], kept: Sequence[int]) -> float:
-    """FLOPs of forward + backward (2x forward) + the recomputation of every tile not kept."""
+def step_time(pieces: Sequence[PieceCost], kept: Sequence[int], fresh_flops: float = 0.0) -> float:
+    """Time of forward + backward in FLOPs: forward, backward (2x forward), the recomputation of every
+    tile not kept (its forward), and ``fresh_flops`` per byte of fresh host pages."""
     total = 0.0
     for piece, k in zip(pieces, kept):
         n = piece.num_tiles
         recomputed = 0 if n == 1 else n - k  # the last k tiles are kept
         total += 3 * piece.flops(0, n) + piece.flops(0, recomputed)
+        if fresh_flops:
+            total += fresh_flops * (piece.fresh(0, n) + piece.fresh(0, recomputed, forward_only=True))
     return total
 
 

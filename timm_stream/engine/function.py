@@ -85,28 +85,33 @@ def _load_malloc_trim() -> Callable[[], None]:
 _release_host_memory = _load_malloc_trim()
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
-_MMAP_THRESHOLD_BYTES = 256 * 2**10
-_mmap_threshold_fixed = False
+# glibc's largest dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): blocks from this size on
+# are mapped on allocation and unmapped on free; the cost model (memory.host_cost) assumes it on the CPU
+HOST_MMAP_THRESHOLD = 32 * 2**20
+_mmap_threshold_fixed: int | None = None
 
 
-def use_fixed_mmap_threshold() -> None:
-    """Fix glibc's mmap threshold at 256 KiB (once per process; a no-op elsewhere than glibc).
+def use_fixed_mmap_threshold(threshold: int = HOST_MMAP_THRESHOLD) -> None:
+    """Fix glibc's mmap threshold at ``threshold`` bytes for the process (a no-op elsewhere than glibc on
+    Linux, and when it is already that).
 
-    glibc raises the threshold to the size of each mmapped block freed (up to 32 MiB), after which
-    activations of that size come from the heap, which fragments and stays resident: a CPU step then
-    holds ~0.3 GiB more than its live tensors, so resident memory could not be predicted or kept within a
-    memory budget. With the threshold fixed, every block of 256 KiB or more is mapped on allocation and
-    returned on free (peak RSS then within a few percent of the live bytes, tests/test_budget.py)."""
+    glibc starts at 128 KiB and raises the threshold to the size of each mapped block freed, up to 32 MiB,
+    so which blocks are mapped (resident only while alive, but zero-filled by page faults on every
+    allocation) and which come from the heap (reused, but resident until trimmed, and fragmented) depends
+    on the history of the process. Fixed, it is the same from the first step, as the planner's allocator
+    model assumes (``memory.host_cost``): the largest threshold keeps big tiles' blocks fast (at 256 KiB a
+    tiled resnet18 step at 4096² took 1.40x longer, ``scripts/benchmark.py --compare``), a small one keeps
+    the heap's fragments small next to a small budget."""
     global _mmap_threshold_fixed
-    if _mmap_threshold_fixed or not sys.platform.startswith("linux"):
+    if _mmap_threshold_fixed == threshold or not sys.platform.startswith("linux"):
         return
-    _mmap_threshold_fixed = True
+    _mmap_threshold_fixed = threshold
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-        # the dynamic threshold also raised the trim threshold (to twice its own value): lower it too, or
-        # freed heap memory from before this call stays resident
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        # glibc's own rule for the trim threshold (twice the mmap threshold): memory freed at the top of
+        # the heap stays for the next tile, malloc_trim(0) before each tile returns the rest
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
     except (OSError, AttributeError):  # not glibc
         pass
 

@@ -20,10 +20,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .budget import PieceCost, allocate_kept, peak_memory, step_flops
+from .budget import PieceCost, allocate_kept, peak_memory, step_time
 from .errors import MemoryBudgetError, StreamingError, TileTooSmallError, TraceError
-from .function import ReduceSink, StreamFunction, TileRunner, use_fixed_mmap_threshold
-from .memory import LinearCost, StepCost, format_bytes, parse_memory, simulate_step
+from .function import HOST_MMAP_THRESHOLD, ReduceSink, StreamFunction, TileRunner, use_fixed_mmap_threshold
+from .memory import LinearCost, StepCost, TraceCost, format_bytes, parse_memory, simulate_trace
 from .geometry import AxisGeometry, PerAxisGeometry, lcm
 from .lazy import is_lazy_image, read_whole
 from .plan import TilePlan, make_plan, normalize_tile_size
@@ -32,6 +32,14 @@ from .trace import Trace, check_size_independent, trace
 
 __all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "freeze_norm_layers", "final_mask"]
 
+
+# FLOPs that one byte of fresh host pages costs in time on the CPU (the page faults that zero-fill it, see
+# memory.host_cost). Calibrated on 2 CPU cores with an un-tiled resnet18 step at 4096² (the benchmark's
+# setup): 25.5 s with every block reused from glibc's heap (mallopt M_MMAP_MAX=0), 36.1 s with glibc's
+# defaults; the simulation counts 3.64e12 FLOPs (forward x 3) and 19.3e9 fresh bytes, so 10.6 s of page
+# faults is 78.5 FLOPs a byte. It checks against the tiled plans measured the same day: 3x3 tiles
+# recomputing every one 37.7 s (predicted 1.16x the un-tiled), 2x2 keeping one 42.5 s (1.21x).
+CPU_FRESH_FLOPS = 78.5
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -138,8 +146,8 @@ class StreamPlan(PerAxisGeometry):
     kept: tuple[int, ...] = ()
     # The cost model's predictions (None when not estimated), see timm_stream.engine.budget. peak_memory:
     # bytes one forward + backward of the streamed part allocates beyond what was allocated before (the
-    # weights and the input not counted); relative_time: its time over the un-tiled run's (FLOPs);
-    # untiled_memory: the same peak for the un-tiled run; memory_budget: the budget planned for (bytes).
+    # weights and the input not counted); relative_time: its time over the un-tiled run's (FLOPs, and on
+    # the CPU fresh pages: budget.py); untiled_memory: the same peak for the un-tiled run; memory_budget: the budget planned for (bytes).
     peak_memory: int | None = None
     relative_time: float | None = None
     untiled_memory: int | None = None
@@ -262,7 +270,9 @@ class StreamingCNN(nn.Module):
             memory). For each input size the planner then picks, from a shape-only simulation
             (:mod:`.memory`, :mod:`.budget`), the pieces, the tile size and how many tile graphs to
             keep from forward to backward (those tiles are not recomputed) that take the least time
-            within the budget: a budget that holds the un-tiled run runs un-tiled. ``plan(size)``
+            within the budget: a budget that holds the un-tiled run runs un-tiled. On the CPU (glibc)
+            the first tiled call fixes the process's mmap threshold (``mallopt``; 32 MiB, or 1/64 of
+            a smaller budget), the allocator the prediction assumes. ``plan(size)``
             shows the choice with ``peak_memory`` and ``relative_time``; a budget too small for any
             tiling raises :class:`MemoryBudgetError` naming the smallest that works.
         preprocess: applied to each tile on the module's device before the module (e.g. uint8 to
@@ -503,7 +513,20 @@ class StreamingCNN(nn.Module):
                           "memory flat",)
 
     def _mode_key(self) -> tuple:
-        return tuple(m.training for m in self.module.modules())
+        return tuple(m.training for m in self.module.modules()) + self._host_model()
+
+    def _host_model(self) -> tuple[int | None, float]:
+        """The allocator the cost model assumes on the module's device, and the FLOPs one byte of fresh
+        pages costs: on the CPU glibc's heap with its mmap threshold fixed at ``HOST_MMAP_THRESHOLD``,
+        or under a budget at 1/64 of it if less (the heap's fragments, which the model does not see,
+        then stay small next to the budget: measured +57% over the model at 150 MiB with 32 MiB); a
+        caching allocator (no fresh pages) elsewhere."""
+        if _module_device(self.module).type != "cpu":
+            return None, 0.0
+        threshold = HOST_MMAP_THRESHOLD
+        if self.memory_budget is not None:
+            threshold = max(min(threshold, self.memory_budget // 64) // 4096 * 4096, 4096)
+        return threshold, CPU_FRESH_FLOPS
 
     def _chain_for(self, height: int, width: int, dtype: torch.dtype, channels: int) -> list[Trace]:
         key = (height, width, dtype, channels, self._mode_key())
@@ -623,13 +646,13 @@ class StreamingCNN(nn.Module):
             piece = self._layouts[tuple(bounds)][0][index]
             preprocess = self.preprocess if first else None
 
-            def sample(size: int) -> tuple[tuple[int, int], StepCost]:
+            def sample(size: int):
                 tile = tuple(-(-max(size, v) // m) * m for v, m in zip(geometry.min_tile_size, geometry.size_multiple))
-                def run(grad: bool) -> StepCost:
-                    return simulate_step(piece.module, (request.batch, channels) + tile, in_dtype,
-                                         preprocess=preprocess, input_grad=grad, count_input=count_input)
+                def run(grad: bool):
+                    return simulate_trace(piece.module, (request.batch, channels) + tile, in_dtype,
+                                          preprocess=preprocess, input_grad=grad, count_input=count_input)
 
-                def run_any() -> StepCost:
+                def run_any():
                     try:
                         return run(input_grad)
                     except RuntimeError:
@@ -641,10 +664,17 @@ class StreamingCNN(nn.Module):
 
                 return tile, self._simulate(f"'{piece.label}'", run_any)
 
-            # two regimes (see LinearCost): tiles near the smallest, and large tiles
+            threshold, _ = self._host_model()
             low = max(geometry.min_tile_size)
-            cost = self._costs[key] = LinearCost.fit((sample(low), sample(2 * low)),
-                                                     (sample(max(4 * low, 1024)), sample(max(8 * low, 2048))))
+            small, large = sample(2 * low), sample(max(8 * low, 2048))
+            try:  # every block's bytes linear in the tile's area: any tile's trace by interpolation
+                cost = TraceCost(small, large, threshold)
+            except ValueError:  # operations that change with the size: lines through costed samples, in
+                # two regimes (see LinearCost): tiles near the smallest, and large tiles
+                costed = lambda sampled: (sampled[0], sampled[1].cost(threshold))  # noqa: E731
+                cost = LinearCost.fit((costed(sample(low)), costed(small)),
+                                      (costed(sample(max(4 * low, 1024))), costed(large)))
+            self._costs[key] = cost
         return cost
 
     def _untiled_cost(self, request: "_Request") -> StepCost:
@@ -652,9 +682,10 @@ class StreamingCNN(nn.Module):
         cost = self._costs.get(key)
         if cost is None:
             whole = nn.Sequential(*[m for _, m in self._children])
-            cost = self._costs[key] = self._simulate("the un-tiled module", lambda: simulate_step(
+            cost = self._costs[key] = self._simulate("the un-tiled module", lambda: simulate_trace(
                 whole, (request.batch, request.channels, request.height, request.width), request.dtype,
-                preprocess=self.preprocess, input_grad=request.input_grad, count_input=request.lazy))
+                preprocess=self.preprocess, input_grad=request.input_grad,
+                count_input=request.lazy).cost(self._host_model()[0]))
         return cost
 
     def _piece_costs(self, chain, bounds, geometries, pieces: Sequence[TilePlan], map_bytes, request) -> list[PieceCost]:
@@ -693,7 +724,11 @@ class StreamingCNN(nn.Module):
             return dict(peak_memory=untiled.peak, relative_time=1.0, untiled_memory=untiled.peak)
         costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
         return dict(peak_memory=peak_memory(costs, kept), untiled_memory=untiled.peak,
-                    relative_time=step_flops(costs, kept) / max(3 * untiled.flops, 1))
+                    relative_time=self._relative_time(costs, kept, untiled))
+
+    def _relative_time(self, costs: Sequence[PieceCost], kept: Sequence[int], untiled: StepCost) -> float:
+        fresh_flops = self._host_model()[1]
+        return step_time(costs, kept, fresh_flops) / max(3 * untiled.flops + fresh_flops * untiled.fresh, 1)
 
     def _candidate_tiles(self, geometry: StreamGeometry, height: int, width: int) -> list[tuple[int, int]]:
         """First-piece tiles to weigh: from the smallest that works up to the whole image, 15% apart."""
@@ -723,6 +758,34 @@ class StreamingCNN(nn.Module):
                                           "one piece: chosen by the memory-budget planner")):
             if bounds and all(tuple(bounds) != tuple(other[0]) for other in layouts):
                 layouts.append((bounds, geometries, note))
+        best, smallest = self._budget_search(chain, request, layouts, budget)
+        if best is None:
+            size = f"{request.height}x{request.width}"
+            if smallest is None:
+                raise MemoryBudgetError(
+                    f"no tiling of a {size} input is possible with tile_size {self.tile_size}: the tile is smaller "
+                    "than the receptive field needs; raise tile_size or drop it")
+            # the allocator model follows the budget (the mmap threshold, _host_model): name a minimum
+            # that is workable under its own model
+            minimum = smallest
+            for _ in range(8):
+                self.memory_budget = minimum
+                try:
+                    found, least = self._budget_search(chain, request, layouts, minimum)
+                finally:
+                    self.memory_budget = budget
+                if found is not None:
+                    break
+                minimum = max(least, minimum + 1)
+            raise MemoryBudgetError(
+                f"memory_budget {format_bytes(budget)} is too small to stream a {size} input (batch "
+                f"{request.batch}): the smallest plan needs {format_bytes(minimum)} ({minimum} bytes). Raise "
+                f"memory_budget to at least that, or stream a smaller image or batch", minimum=minimum)
+        _, _, bounds, geometries, note, tile, kept = best
+        return self._layout_plan(chain, bounds, geometries, note, tile, request, True, kept)
+
+    def _budget_search(self, chain: list[Trace], request: "_Request", layouts, budget: int):
+        """(the fastest plan within ``budget`` or None, the smallest peak of any plan or None)."""
         untiled = self._untiled_cost(request)
         best, smallest, seen = None, None, set()
         for bounds, geometries, note in layouts:
@@ -734,7 +797,9 @@ class StreamingCNN(nn.Module):
                 seen.add(grids)
                 map_bytes = _map_bytes(chain, bounds)
                 if all(p.num_tiles == 1 for p in pieces):
-                    kept, peak, time = [1] * len(pieces), untiled.peak, 1.0
+                    # un-tiled whenever it fits: nothing recomputed, and the fresh pages that smaller
+                    # blocks save a tiled CPU plan are within the cost model's error (time 0: it wins)
+                    kept, peak, time = [1] * len(pieces), untiled.peak, 0.0
                 else:
                     costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
                     kept = allocate_kept(costs, budget)
@@ -742,22 +807,11 @@ class StreamingCNN(nn.Module):
                         least = peak_memory(costs, [1 if p.num_tiles == 1 else 0 for p in pieces])
                         smallest = least if smallest is None else min(smallest, least)
                         continue
-                    peak, time = peak_memory(costs, kept), step_flops(costs, kept) / max(3 * untiled.flops, 1)
+                    peak, time = peak_memory(costs, kept), self._relative_time(costs, kept, untiled)
                 smallest = peak if smallest is None else min(smallest, peak)
                 if peak <= budget and (best is None or (round(time, 3), peak) < (round(best[0], 3), best[1])):
                     best = (time, peak, bounds, geometries, note, tile, kept)
-        if best is None:
-            size = f"{request.height}x{request.width}"
-            if smallest is None:
-                raise MemoryBudgetError(
-                    f"no tiling of a {size} input is possible with tile_size {self.tile_size}: the tile is smaller "
-                    "than the receptive field needs; raise tile_size or drop it")
-            raise MemoryBudgetError(
-                f"memory_budget {format_bytes(budget)} is too small to stream a {size} input (batch "
-                f"{request.batch}): the smallest plan needs {format_bytes(smallest)} ({smallest} bytes). Raise "
-                f"memory_budget to at least that, or stream a smaller image or batch", minimum=smallest)
-        _, _, bounds, geometries, note, tile, kept = best
-        return self._layout_plan(chain, bounds, geometries, note, tile, request, True, kept)
+        return best, smallest
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "StreamingCNN":
@@ -836,9 +890,9 @@ class StreamingCNN(nn.Module):
                           int(x.shape[0]), input_grad, estimate=False)
         pieces = self._layouts[plan.bounds][0]
         if device.type == "cpu" and self.memory_budget is not None and plan.num_tiles > len(plan.pieces):
-            # a budget promises resident memory: make the allocator return what is freed (it costs page
-            # faults, so plain tile_size runs and un-tiled plans keep glibc's default)
-            use_fixed_mmap_threshold()
+            # a budget promises resident memory: run the allocator the cost model assumes from the first
+            # step (glibc's dynamic threshold gets there only after freeing a block of that size)
+            use_fixed_mmap_threshold(self._host_model()[0])
         for index, (piece, piece_plan) in enumerate(zip(pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
             last = index == len(pieces) - 1
