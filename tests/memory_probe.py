@@ -64,6 +64,7 @@ def main(spec: dict) -> dict:
     measured = _status("VmHWM") - base
     return {"predicted": plan.peak_memory, "measured": measured, "tiles": plan.num_tiles,
             "kept": list(plan.kept), "untiled": plan.untiled_memory, "relative_time": plan.relative_time,
+            "mmap_threshold": getattr(plan, "mmap_threshold", None),
             "plan": str(plan)}
 
 

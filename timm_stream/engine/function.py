@@ -88,6 +88,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbe
 # glibc's largest dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): blocks from this size on
 # are mapped on allocation and unmapped on free; the cost model (memory.host_cost) assumes it on the CPU
 HOST_MMAP_THRESHOLD = 32 * 2**20
+# the alternative for tight budgets: every activation block mapped and returned on free (no heap fragments)
+SMALL_MMAP_THRESHOLD = 256 * 2**10
 _mmap_threshold_fixed: int | None = None
 
 
@@ -99,10 +101,11 @@ def use_fixed_mmap_threshold(threshold: int = HOST_MMAP_THRESHOLD) -> None:
     so which blocks are mapped (resident only while alive, but zero-filled by page faults on every
     allocation) and which come from the heap (reused, but resident until trimmed, and fragmented) depends
     on the history of the process. Fixed, it is the same from the first step, as the planner's allocator
-    model assumes (``memory.host_cost``): the largest threshold keeps big tiles' blocks fast (at 256 KiB a
-    tiled resnet18 step at 4096² took 1.40x longer, ``scripts/benchmark.py --compare``), a small one keeps
-    the heap's fragments small next to a small budget."""
+    model assumes (``memory.host_cost``): ``HOST_MMAP_THRESHOLD`` keeps big tiles' blocks fast,
+    ``SMALL_MMAP_THRESHOLD`` keeps resident memory at the live bytes (at 256 KiB a tiled resnet18 step at
+    4096² took 1.40x longer, ``scripts/benchmark.py --compare``); the planner picks per plan."""
     global _mmap_threshold_fixed
+    threshold = int(threshold)
     if _mmap_threshold_fixed == threshold or not sys.platform.startswith("linux"):
         return
     _mmap_threshold_fixed = threshold
@@ -112,7 +115,7 @@ def use_fixed_mmap_threshold(threshold: int = HOST_MMAP_THRESHOLD) -> None:
         # glibc's own rule for the trim threshold (twice the mmap threshold): memory freed at the top of
         # the heap stays for the next tile, malloc_trim(0) before each tile returns the rest
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError, ctypes.ArgumentError):  # not glibc
         pass
 
 

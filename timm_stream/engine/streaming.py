@@ -13,6 +13,7 @@ piece when the tile allows it, so that no stitched intermediate map grows with t
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from .budget import PieceCost, allocate_kept, peak_memory, step_time
 from .errors import MemoryBudgetError, StreamingError, TileTooSmallError, TraceError
-from .function import HOST_MMAP_THRESHOLD, ReduceSink, StreamFunction, TileRunner, use_fixed_mmap_threshold
+from .function import HOST_MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD, ReduceSink, StreamFunction, TileRunner, use_fixed_mmap_threshold
 from .memory import LinearCost, StepCost, TraceCost, format_bytes, parse_memory, simulate_trace
 from .geometry import AxisGeometry, PerAxisGeometry, lcm
 from .lazy import is_lazy_image, read_whole
@@ -40,6 +41,11 @@ __all__ = ["StreamingCNN", "StreamGeometry", "StreamPlan", "is_norm_layer", "fre
 # faults is 78.5 FLOPs a byte. It checks against the tiled plans measured the same day: 3x3 tiles
 # recomputing every one 37.7 s (predicted 1.16x the un-tiled), 2x2 keeping one 42.5 s (1.21x).
 CPU_FRESH_FLOPS = 78.5
+
+# The smallest plan that may run with glibc's heap (mmap threshold HOST_MMAP_THRESHOLD) under a budget:
+# the heap's fragments are tens of MiB whatever the plan (measured +40% over the model at 130 MiB, +2% at
+# 2.6 GiB), so smaller plans map every block (SMALL_MMAP_THRESHOLD) and stay at their live bytes.
+HEAP_PLAN_MIN_BYTES = 2**30
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -152,6 +158,7 @@ class StreamPlan(PerAxisGeometry):
     relative_time: float | None = None
     untiled_memory: int | None = None
     memory_budget: int | None = None
+    mmap_threshold: int | None = None  # the host allocator's mmap threshold the costs assume (bytes)
     batch: int = 1
 
     @property
@@ -239,6 +246,8 @@ class _Request:
     pooled: bool
     batch: int
     input_grad: bool
+    # the host allocator's mmap threshold the costs assume (bytes; None: a caching allocator, CUDA's)
+    mmap_threshold: int | None = None
 
 
 class _Piece:
@@ -271,8 +280,8 @@ class StreamingCNN(nn.Module):
             (:mod:`.memory`, :mod:`.budget`), the pieces, the tile size and how many tile graphs to
             keep from forward to backward (those tiles are not recomputed) that take the least time
             within the budget: a budget that holds the un-tiled run runs un-tiled. On the CPU (glibc)
-            the first tiled call fixes the process's mmap threshold (``mallopt``; 32 MiB, or 1/64 of
-            a smaller budget), the allocator the prediction assumes. ``plan(size)``
+            each call fixes the process's mmap threshold (``mallopt``) at the one the chosen plan was
+            costed for (32 MiB or 256 KiB, see ``_host_thresholds``). ``plan(size)``
             shows the choice with ``peak_memory`` and ``relative_time``; a budget too small for any
             tiling raises :class:`MemoryBudgetError` naming the smallest that works.
         preprocess: applied to each tile on the module's device before the module (e.g. uint8 to
@@ -513,20 +522,18 @@ class StreamingCNN(nn.Module):
                           "memory flat",)
 
     def _mode_key(self) -> tuple:
-        return tuple(m.training for m in self.module.modules()) + self._host_model()
+        return tuple(m.training for m in self.module.modules()) + (_module_device(self.module).type,)
 
-    def _host_model(self) -> tuple[int | None, float]:
-        """The allocator the cost model assumes on the module's device, and the FLOPs one byte of fresh
-        pages costs: on the CPU glibc's heap with its mmap threshold fixed at ``HOST_MMAP_THRESHOLD``,
-        or under a budget at 1/64 of it if less (the heap's fragments, which the model does not see,
-        then stay small next to the budget: measured +57% over the model at 150 MiB with 32 MiB); a
-        caching allocator (no fresh pages) elsewhere."""
+    def _host_thresholds(self) -> tuple[int | None, ...]:
+        """The allocators a plan may run under on the module's device: on the CPU glibc's heap with its
+        mmap threshold fixed at ``HOST_MMAP_THRESHOLD`` (blocks below it reused from the heap: few page
+        faults, fragments allowed for by ``memory.HEAP_FRAGMENTS``) or at ``SMALL_MMAP_THRESHOLD`` (every
+        activation block mapped and returned: resident memory as predicted, more page faults); a
+        caching allocator (``None``) elsewhere. Each plan is costed under each; the engine sets the
+        chosen plan's threshold."""
         if _module_device(self.module).type != "cpu":
-            return None, 0.0
-        threshold = HOST_MMAP_THRESHOLD
-        if self.memory_budget is not None:
-            threshold = max(min(threshold, self.memory_budget // 64) // 4096 * 4096, 4096)
-        return threshold, CPU_FRESH_FLOPS
+            return (None,)
+        return (HOST_MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD)
 
     def _chain_for(self, height: int, width: int, dtype: torch.dtype, channels: int) -> list[Trace]:
         key = (height, width, dtype, channels, self._mode_key())
@@ -566,12 +573,14 @@ class StreamingCNN(nn.Module):
     def _plan(self, height: int, width: int, dtype: torch.dtype, channels: int, lazy: bool, pooled: bool,
               batch: int, input_grad: bool, estimate: bool) -> StreamPlan:
         estimate = estimate or self.memory_budget is not None
-        key = (height, width, dtype, channels, lazy, pooled, batch, input_grad, estimate, self._mode_key())
+        key = (height, width, dtype, channels, lazy, pooled, batch, input_grad, estimate, self.memory_budget,
+               self._mode_key())
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         chain = self._chain_for(height, width, dtype, channels)
-        request = _Request(height, width, dtype, channels, lazy, pooled, batch, input_grad)
+        request = _Request(height, width, dtype, channels, lazy, pooled, batch, input_grad,
+                           self._host_thresholds()[0])
         if self.memory_budget is None:
             _, bounds, geometries, note = self._choose_layout(pooled, lazy)
             plan = self._layout_plan(chain, bounds, geometries, note, self.tile_size, request, estimate)
@@ -619,7 +628,7 @@ class StreamingCNN(nn.Module):
         return StreamPlan((request.height, request.width), tuple(chain[-1].output_shape[2:]), self.geometry,
                           tuple(pieces), names, work, maps=maps, map_bytes=map_bytes, note=note,
                           bounds=tuple(tuple(b) for b in bounds), kept=tuple(kept), batch=request.batch,
-                          memory_budget=self.memory_budget, **costs)
+                          memory_budget=self.memory_budget, mmap_threshold=request.mmap_threshold, **costs)
 
     # ------------------------------------------------------------------ the cost model
     def _simulate(self, what: str, simulate: Callable[[], object]):
@@ -640,7 +649,8 @@ class StreamingCNN(nn.Module):
         channels = request.channels if first else chain[a - 1].output_shape[1]
         input_grad = request.input_grad if first else True
         count_input = request.lazy and first  # a tile of a tensor on the module's device is a view
-        key = (a, b, in_dtype, channels, request.batch, input_grad, count_input, self._mode_key())
+        key = (a, b, in_dtype, channels, request.batch, input_grad, count_input, request.mmap_threshold,
+               self._mode_key())
         cost = self._costs.get(key)
         if cost is None:
             piece = self._layouts[tuple(bounds)][0][index]
@@ -664,7 +674,7 @@ class StreamingCNN(nn.Module):
 
                 return tile, self._simulate(f"'{piece.label}'", run_any)
 
-            threshold, _ = self._host_model()
+            threshold = request.mmap_threshold
             low = max(geometry.min_tile_size)
             small, large = sample(2 * low), sample(max(8 * low, 2048))
             try:  # every block's bytes linear in the tile's area: any tile's trace by interpolation
@@ -685,7 +695,7 @@ class StreamingCNN(nn.Module):
             cost = self._costs[key] = self._simulate("the un-tiled module", lambda: simulate_trace(
                 whole, (request.batch, request.channels, request.height, request.width), request.dtype,
                 preprocess=self.preprocess, input_grad=request.input_grad,
-                count_input=request.lazy).cost(self._host_model()[0]))
+                count_input=request.lazy).cost(request.mmap_threshold))
         return cost
 
     def _piece_costs(self, chain, bounds, geometries, pieces: Sequence[TilePlan], map_bytes, request) -> list[PieceCost]:
@@ -720,15 +730,22 @@ class StreamingCNN(nn.Module):
 
     def _estimate_raising(self, chain, bounds, geometries, pieces, map_bytes, request, kept) -> dict:
         untiled = self._untiled_cost(request)
+        reference = self._untiled_cost(dataclasses.replace(request, mmap_threshold=self._host_thresholds()[0]))
         if all(p.num_tiles == 1 for p in pieces):  # every piece runs plainly: the un-tiled run
-            return dict(peak_memory=untiled.peak, relative_time=1.0, untiled_memory=untiled.peak)
+            return dict(peak_memory=untiled.peak, untiled_memory=reference.peak,
+                        relative_time=self._time(untiled) / self._time(reference))
         costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
-        return dict(peak_memory=peak_memory(costs, kept), untiled_memory=untiled.peak,
-                    relative_time=self._relative_time(costs, kept, untiled))
+        return dict(peak_memory=peak_memory(costs, kept), untiled_memory=reference.peak,
+                    relative_time=step_time(costs, kept, self._fresh_flops(request)) / self._time(reference))
 
-    def _relative_time(self, costs: Sequence[PieceCost], kept: Sequence[int], untiled: StepCost) -> float:
-        fresh_flops = self._host_model()[1]
-        return step_time(costs, kept, fresh_flops) / max(3 * untiled.flops + fresh_flops * untiled.fresh, 1)
+    def _fresh_flops(self, request: "_Request") -> float:
+        return 0.0 if request.mmap_threshold is None else CPU_FRESH_FLOPS
+
+    def _time(self, untiled: StepCost) -> float:
+        """The un-tiled run's time in the units of ``budget.step_time`` (the reference of
+        ``relative_time``: the un-tiled run under the device's default allocator)."""
+        fresh_flops = CPU_FRESH_FLOPS if self._host_thresholds()[0] is not None else 0.0
+        return max(3 * untiled.flops + fresh_flops * untiled.fresh, 1)
 
     def _candidate_tiles(self, geometry: StreamGeometry, height: int, width: int) -> list[tuple[int, int]]:
         """First-piece tiles to weigh: from the smallest that works up to the whole image, 15% apart."""
@@ -765,28 +782,32 @@ class StreamingCNN(nn.Module):
                 raise MemoryBudgetError(
                     f"no tiling of a {size} input is possible with tile_size {self.tile_size}: the tile is smaller "
                     "than the receptive field needs; raise tile_size or drop it")
-            # the allocator model follows the budget (the mmap threshold, _host_model): name a minimum
-            # that is workable under its own model
             minimum = smallest
-            for _ in range(8):
-                self.memory_budget = minimum
-                try:
-                    found, least = self._budget_search(chain, request, layouts, minimum)
-                finally:
-                    self.memory_budget = budget
-                if found is not None:
-                    break
-                minimum = max(least, minimum + 1)
             raise MemoryBudgetError(
                 f"memory_budget {format_bytes(budget)} is too small to stream a {size} input (batch "
                 f"{request.batch}): the smallest plan needs {format_bytes(minimum)} ({minimum} bytes). Raise "
                 f"memory_budget to at least that, or stream a smaller image or batch", minimum=minimum)
-        _, _, bounds, geometries, note, tile, kept = best
+        _, _, bounds, geometries, note, tile, kept, request = best
         return self._layout_plan(chain, bounds, geometries, note, tile, request, True, kept)
 
     def _budget_search(self, chain: list[Trace], request: "_Request", layouts, budget: int):
-        """(the fastest plan within ``budget`` or None, the smallest peak of any plan or None)."""
+        """(the fastest plan within ``budget`` or None, the smallest peak of any plan or None), over the
+        layouts, first-piece tiles and allocators (``_host_thresholds``). Every plan's cost is
+        independent of the budget, so a larger budget never loses a plan: the smallest peak is a floor."""
+        best, smallest = None, None
+        for threshold in self._host_thresholds():
+            found, least = self._budget_search_one(chain, dataclasses.replace(request, mmap_threshold=threshold),
+                                                   layouts, budget)
+            if least is not None:
+                smallest = least if smallest is None else min(smallest, least)
+            if found is not None and (best is None or (round(found[0], 3), found[1]) < (round(best[0], 3), best[1])):
+                best = found
+        return best, smallest
+
+    def _budget_search_one(self, chain: list[Trace], request: "_Request", layouts, budget: int):
         untiled = self._untiled_cost(request)
+        reference = self._time(self._untiled_cost(dataclasses.replace(
+            request, mmap_threshold=self._host_thresholds()[0])))
         best, smallest, seen = None, None, set()
         for bounds, geometries, note in layouts:
             for tile in self._candidate_tiles(geometries[0], request.height, request.width):
@@ -798,19 +819,24 @@ class StreamingCNN(nn.Module):
                 map_bytes = _map_bytes(chain, bounds)
                 if all(p.num_tiles == 1 for p in pieces):
                     # un-tiled whenever it fits: nothing recomputed, and the fresh pages that smaller
-                    # blocks save a tiled CPU plan are within the cost model's error (time 0: it wins)
-                    kept, peak, time = [1] * len(pieces), untiled.peak, 0.0
+                    # blocks save a tiled CPU plan are within the cost model's error (it wins: time
+                    # minus 1, still ordered by its own allocator's time)
+                    kept, peak, time = [1] * len(pieces), untiled.peak, self._time(untiled) / reference - 1
                 else:
                     costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
                     kept = allocate_kept(costs, budget)
                     if kept is None:
                         least = peak_memory(costs, [1 if p.num_tiles == 1 else 0 for p in pieces])
-                        smallest = least if smallest is None else min(smallest, least)
+                        if request.mmap_threshold != HOST_MMAP_THRESHOLD or least >= HEAP_PLAN_MIN_BYTES:
+                            smallest = least if smallest is None else min(smallest, least)
                         continue
-                    peak, time = peak_memory(costs, kept), self._relative_time(costs, kept, untiled)
+                    peak = peak_memory(costs, kept)
+                    time = step_time(costs, kept, self._fresh_flops(request)) / reference
+                if request.mmap_threshold == HOST_MMAP_THRESHOLD and peak < HEAP_PLAN_MIN_BYTES:
+                    continue  # see HEAP_PLAN_MIN_BYTES: this plan runs with every block mapped instead
                 smallest = peak if smallest is None else min(smallest, peak)
                 if peak <= budget and (best is None or (round(time, 3), peak) < (round(best[0], 3), best[1])):
-                    best = (time, peak, bounds, geometries, note, tile, kept)
+                    best = (time, peak, bounds, geometries, note, tile, kept, request)
         return best, smallest
 
     # ------------------------------------------------------------------ modes
@@ -889,10 +915,10 @@ class StreamingCNN(nn.Module):
         plan = self._plan(int(x.shape[-2]), int(x.shape[-1]), x.dtype, int(x.shape[1]), lazy, pool is not None,
                           int(x.shape[0]), input_grad, estimate=False)
         pieces = self._layouts[plan.bounds][0]
-        if device.type == "cpu" and self.memory_budget is not None and plan.num_tiles > len(plan.pieces):
-            # a budget promises resident memory: run the allocator the cost model assumes from the first
-            # step (glibc's dynamic threshold gets there only after freeing a block of that size)
-            use_fixed_mmap_threshold(self._host_model()[0])
+        if device.type == "cpu" and self.memory_budget is not None and plan.mmap_threshold is not None:
+            # a budget promises resident memory: run the allocator the plan was costed for, from the
+            # first step (glibc's dynamic threshold gets near 32 MiB only after freeing such a block)
+            use_fixed_mmap_threshold(plan.mmap_threshold)
         for index, (piece, piece_plan) in enumerate(zip(pieces, plan.pieces)):
             preprocess = self.preprocess if index == 0 else None
             last = index == len(pieces) - 1
