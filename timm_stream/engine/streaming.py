@@ -732,10 +732,11 @@ class StreamingCNN(nn.Module):
         untiled = self._untiled_cost(request)
         reference = self._untiled_cost(dataclasses.replace(request, mmap_threshold=self._host_thresholds()[0]))
         if all(p.num_tiles == 1 for p in pieces):  # every piece runs plainly: the un-tiled run
-            return dict(peak_memory=untiled.peak, untiled_memory=reference.peak,
+            return dict(peak_memory=untiled.peak, untiled_memory=untiled.peak,
                         relative_time=self._time(untiled) / self._time(reference))
         costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
-        return dict(peak_memory=peak_memory(costs, kept), untiled_memory=reference.peak,
+        # untiled_memory under the plan's own allocator: fits_untiled then agrees with the planner
+        return dict(peak_memory=peak_memory(costs, kept), untiled_memory=untiled.peak,
                     relative_time=step_time(costs, kept, self._fresh_flops(request)) / self._time(reference))
 
     def _fresh_flops(self, request: "_Request") -> float:
