@@ -19,6 +19,7 @@ byte of fresh host pages each tile faults in (its forward without autograd, and 
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -44,7 +45,12 @@ class PieceCost:
     param_bytes: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "largest", self.cost((max(self.rows), max(self.cols))))
+        # the most of each cost over the grid's distinct tile sizes (a few): with a host allocator the peak
+        # is not monotone in the area (blocks cross the mmap threshold), so the largest tile may not be
+        # the costliest
+        sizes = [self.cost((r, c)) for r in set(self.rows) for c in set(self.cols)]
+        object.__setattr__(self, "largest", StepCost(*(max(getattr(c, f.name) for c in sizes)
+                                                       for f in dataclasses.fields(StepCost))))
         for name, lengths in (("_row_prefix", self.rows), ("_col_prefix", self.cols)):
             prefix = [0]
             for length in lengths:
