@@ -356,13 +356,9 @@ class LinearCost:
         values = [max(fixed[i] + slopes[i] * area for fixed, slopes in self.lines) for i in range(len(_FIELDS))]
         return StepCost(*(int(math.ceil(v)) for v in values))
 
-    def total(self, field: str, tiles: int, area: float) -> float:
-        """``field`` (``"flops"``, ``"fresh"``, ``"forward_fresh"``) summed over ``tiles`` tiles of ``area``
-        input pixels in all: these are linear in the area (the first line's)."""
-        fixed, slopes = self.lines[0]
-        i = _FIELDS.index(field)
-        return tiles * fixed[i] + slopes[i] * area
-
     def flops(self, tiles: int, area: float) -> float:
-        """Forward FLOPs of ``tiles`` tiles of ``area`` input pixels in all."""
-        return self.total("flops", tiles, area)
+        """Forward FLOPs of ``tiles`` tiles of ``area`` input pixels in all (FLOPs are linear in the area:
+        the first line's)."""
+        fixed, slopes = self.lines[0]
+        i = _FIELDS.index("flops")
+        return tiles * fixed[i] + slopes[i] * area

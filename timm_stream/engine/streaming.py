@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .budget import PieceCost, allocate_kept, peak_memory, step_time
 from .errors import MemoryBudgetError, StreamingError, TileTooSmallError, TraceError
-from .function import HOST_MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD, ReduceSink, StreamFunction, TileRunner, use_fixed_mmap_threshold
+from .function import (HOST_MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD, ReduceSink, StreamFunction, TileRunner,
+                       use_fixed_mmap_threshold)
 from .memory import LinearCost, StepCost, TraceCost, format_bytes, parse_memory, simulate_trace
 from .geometry import AxisGeometry, PerAxisGeometry, lcm
 from .lazy import is_lazy_image, read_whole
@@ -153,7 +154,8 @@ class StreamPlan(PerAxisGeometry):
     # The cost model's predictions (None when not estimated), see timm_stream.engine.budget. peak_memory:
     # bytes one forward + backward of the streamed part allocates beyond what was allocated before (the
     # weights and the input not counted); relative_time: its time over the un-tiled run's (FLOPs, and on
-    # the CPU fresh pages: budget.py); untiled_memory: the same peak for the un-tiled run; memory_budget: the budget planned for (bytes).
+    # the CPU fresh pages: budget.py); untiled_memory: the same peak for the un-tiled run; memory_budget:
+    # the budget planned for (bytes).
     peak_memory: int | None = None
     relative_time: float | None = None
     untiled_memory: int | None = None
@@ -730,23 +732,36 @@ class StreamingCNN(nn.Module):
 
     def _estimate_raising(self, chain, bounds, geometries, pieces, map_bytes, request, kept) -> dict:
         untiled = self._untiled_cost(request)
-        reference = self._untiled_cost(dataclasses.replace(request, mmap_threshold=self._host_thresholds()[0]))
+        reference = self._reference_time(request)
         if all(p.num_tiles == 1 for p in pieces):  # every piece runs plainly: the un-tiled run
             return dict(peak_memory=untiled.peak, untiled_memory=untiled.peak,
-                        relative_time=self._time(untiled) / self._time(reference))
+                        relative_time=self._untiled_time(untiled, request) / reference)
         costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
         # untiled_memory under the plan's own allocator: fits_untiled then agrees with the planner
         return dict(peak_memory=peak_memory(costs, kept), untiled_memory=untiled.peak,
-                    relative_time=step_time(costs, kept, self._fresh_flops(request)) / self._time(reference))
+                    relative_time=step_time(costs, kept, self._fresh_flops(request)) / reference)
 
     def _fresh_flops(self, request: "_Request") -> float:
         return 0.0 if request.mmap_threshold is None else CPU_FRESH_FLOPS
 
-    def _time(self, untiled: StepCost) -> float:
-        """The un-tiled run's time in the units of ``budget.step_time`` (the reference of
-        ``relative_time``: the un-tiled run under the device's default allocator)."""
-        fresh_flops = CPU_FRESH_FLOPS if self._host_thresholds()[0] is not None else 0.0
-        return max(3 * untiled.flops + fresh_flops * untiled.fresh, 1)
+    def _untiled_time(self, untiled: StepCost, request: "_Request") -> float:
+        """The un-tiled run's time in the units of ``budget.step_time``."""
+        return max(3 * untiled.flops + self._fresh_flops(request) * untiled.fresh, 1)
+
+    def _reference_time(self, request: "_Request") -> float:
+        """The reference of ``relative_time``: the un-tiled run under the device's default allocator."""
+        default = dataclasses.replace(request, mmap_threshold=self._host_thresholds()[0])
+        return self._untiled_time(self._untiled_cost(default), default)
+
+    @staticmethod
+    def _faster(candidate, best) -> bool:
+        """Whether ``candidate`` ``(time, peak, ...)`` beats ``best``: less time (to 0.1%), then less memory."""
+        return best is None or (round(candidate[0], 3), candidate[1]) < (round(best[0], 3), best[1])
+
+    @staticmethod
+    def _allocator_allows(request: "_Request", peak: int) -> bool:
+        """Whether a plan of ``peak`` bytes may run under the request's allocator (HEAP_PLAN_MIN_BYTES)."""
+        return request.mmap_threshold != HOST_MMAP_THRESHOLD or peak >= HEAP_PLAN_MIN_BYTES
 
     def _candidate_tiles(self, geometry: StreamGeometry, height: int, width: int) -> list[tuple[int, int]]:
         """First-piece tiles to weigh: from the smallest that works up to the whole image, 15% apart."""
@@ -783,11 +798,10 @@ class StreamingCNN(nn.Module):
                 raise MemoryBudgetError(
                     f"no tiling of a {size} input is possible with tile_size {self.tile_size}: the tile is smaller "
                     "than the receptive field needs; raise tile_size or drop it")
-            minimum = smallest
             raise MemoryBudgetError(
                 f"memory_budget {format_bytes(budget)} is too small to stream a {size} input (batch "
-                f"{request.batch}): the smallest plan needs {format_bytes(minimum)} ({minimum} bytes). Raise "
-                f"memory_budget to at least that, or stream a smaller image or batch", minimum=minimum)
+                f"{request.batch}): the smallest plan needs {format_bytes(smallest)} ({smallest} bytes). Raise "
+                f"memory_budget to at least that, or stream a smaller image or batch", minimum=smallest)
         _, _, bounds, geometries, note, tile, kept, request = best
         return self._layout_plan(chain, bounds, geometries, note, tile, request, True, kept)
 
@@ -801,14 +815,13 @@ class StreamingCNN(nn.Module):
                                                    layouts, budget)
             if least is not None:
                 smallest = least if smallest is None else min(smallest, least)
-            if found is not None and (best is None or (round(found[0], 3), found[1]) < (round(best[0], 3), best[1])):
+            if found is not None and self._faster(found, best):
                 best = found
         return best, smallest
 
     def _budget_search_one(self, chain: list[Trace], request: "_Request", layouts, budget: int):
         untiled = self._untiled_cost(request)
-        reference = self._time(self._untiled_cost(dataclasses.replace(
-            request, mmap_threshold=self._host_thresholds()[0])))
+        reference = self._reference_time(request)
         best, smallest, seen = None, None, set()
         for bounds, geometries, note in layouts:
             for tile in self._candidate_tiles(geometries[0], request.height, request.width):
@@ -822,22 +835,24 @@ class StreamingCNN(nn.Module):
                     # un-tiled whenever it fits: nothing recomputed, and the fresh pages that smaller
                     # blocks save a tiled CPU plan are within the cost model's error (it wins: time
                     # minus 1, still ordered by its own allocator's time)
-                    kept, peak, time = [1] * len(pieces), untiled.peak, self._time(untiled) / reference - 1
+                    kept, peak = [1] * len(pieces), untiled.peak
+                    time = self._untiled_time(untiled, request) / reference - 1
                 else:
                     costs = self._piece_costs(chain, bounds, geometries, pieces, map_bytes, request)
                     kept = allocate_kept(costs, budget)
                     if kept is None:
                         least = peak_memory(costs, [1 if p.num_tiles == 1 else 0 for p in pieces])
-                        if request.mmap_threshold != HOST_MMAP_THRESHOLD or least >= HEAP_PLAN_MIN_BYTES:
+                        if self._allocator_allows(request, least):
                             smallest = least if smallest is None else min(smallest, least)
                         continue
                     peak = peak_memory(costs, kept)
                     time = step_time(costs, kept, self._fresh_flops(request)) / reference
-                if request.mmap_threshold == HOST_MMAP_THRESHOLD and peak < HEAP_PLAN_MIN_BYTES:
-                    continue  # see HEAP_PLAN_MIN_BYTES: this plan runs with every block mapped instead
+                if not self._allocator_allows(request, peak):
+                    continue  # this plan runs with every block mapped instead (the other threshold)
                 smallest = peak if smallest is None else min(smallest, peak)
-                if peak <= budget and (best is None or (round(time, 3), peak) < (round(best[0], 3), best[1])):
-                    best = (time, peak, bounds, geometries, note, tile, kept, request)
+                candidate = (time, peak, bounds, geometries, note, tile, kept, request)
+                if peak <= budget and self._faster(candidate, best):
+                    best = candidate
         return best, smallest
 
     # ------------------------------------------------------------------ modes
